@@ -1,0 +1,69 @@
+"""Interface of the prefix-cache managers (`radix`, `naive`).
+
+Everything is in token units: `kv_indices` are int64 CPU tensors of KV-pool slot indices, one
+per token, and every length handed in or out is a multiple of `page_size` (a page is
+`page_size` consecutive slots starting at a multiple of `page_size`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class BaseCacheManager(ABC):
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+
+    @abstractmethod
+    def match_prefix(self, token_ids: list[int]) -> tuple[Any, torch.Tensor]:
+        """Longest cached page-aligned prefix of `token_ids`: (handle, its kv indices).
+
+        The handle must be locked (`lock`) before the scheduler relies on the indices.
+        """
+
+    @abstractmethod
+    def lock(self, handle: Any) -> None:
+        """Protect the path from the root to `handle` against eviction (reference counted)."""
+
+    @abstractmethod
+    def unlock(self, handle: Any) -> None: ...
+
+    @abstractmethod
+    def insert(self, token_ids: list[int], kv_indices: torch.Tensor) -> int:
+        """Insert a page-aligned sequence; return how many leading tokens were already cached.
+
+        The cache takes ownership of `kv_indices[returned:]`; the caller keeps ownership of
+        (and must free) its own indices for tokens below the returned length that it did not
+        get from the cache.
+        """
+
+    @abstractmethod
+    def evict(self, num_tokens: int) -> torch.Tensor:
+        """Evict unlocked leaves, least recently used first, until at least `num_tokens` are
+        freed or nothing evictable is left; return the freed kv indices."""
+
+    @property
+    @abstractmethod
+    def evictable_tokens(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def protected_tokens(self) -> int: ...
+
+    def check(self) -> None:
+        """Raise AssertionError if internal invariants are broken (used by tests)."""
+
+
+def create_cache_manager(kind: str, page_size: int) -> BaseCacheManager:
+    if kind == "radix":
+        from .radix import RadixCacheManager
+
+        return RadixCacheManager(page_size)
+    if kind == "naive":
+        from .naive import NaiveCacheManager
+
+        return NaiveCacheManager(page_size)
+    raise ValueError(f"unknown cache manager {kind!r}; choose radix or naive")
