@@ -53,7 +53,7 @@ class BaseCacheManager(ABC):
     @abstractmethod
     def protected_tokens(self) -> int: ...
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 (optional hook, default: nothing to check)
         """Raise AssertionError if internal invariants are broken (used by tests)."""
 
 

@@ -1,0 +1,37 @@
+"""Cache manager that caches nothing: every request recomputes its whole prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .base import BaseCacheManager
+
+
+class NaiveCacheManager(BaseCacheManager):
+    def match_prefix(self, token_ids: Sequence[int]) -> tuple[Any, torch.Tensor]:
+        return None, torch.empty(0, dtype=torch.int64)
+
+    def lock(self, handle: Any) -> None:
+        pass
+
+    def unlock(self, handle: Any) -> None:
+        pass
+
+    def insert(self, token_ids: Sequence[int], kv_indices: torch.Tensor) -> int:
+        # Claim the whole aligned sequence as "already cached": the cache takes ownership of
+        # nothing, so the caller frees all of its indices.
+        return len(token_ids) // self.page_size * self.page_size
+
+    def evict(self, num_tokens: int) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.int64)
+
+    @property
+    def evictable_tokens(self) -> int:
+        return 0
+
+    @property
+    def protected_tokens(self) -> int:
+        return 0
