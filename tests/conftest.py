@@ -1,0 +1,388 @@
+"""Shared pytest fixtures: tiny random checkpoints built offline, plus the shared real models.
+
+Every tiny checkpoint is built here from a `transformers` config with fixed seeds and saved with
+`save_pretrained(..., safe_serialization=True)` next to a small byte-level BPE tokenizer trained
+with the `tokenizers` library on generated sentences. Nothing is ever downloaded.
+
+Fixtures (all session-scoped, each a directory path as `str`):
+
+- `tiny_tokenizer_dir`   the trained tokenizer alone (vocab `TINY_VOCAB`, `<unk>`=0, `<s>`=1, `</s>`=2)
+- `llama_gqa_dir`        LlamaForCausalLM, GQA (4 q heads / 2 kv heads), llama3 rope scaling
+- `llama_gqa_v4_dir`     the same weights, config.json rewritten to the transformers-4.x dialect
+- `qwen3_tied_dir`       Qwen3ForCausalLM, tie_word_embeddings=True (has a chat template)
+- `qwen3_untied_dir`     Qwen3ForCausalLM, tie_word_embeddings=False
+- `qwen2_bias_dir`       Qwen2ForCausalLM with non-zero q/k/v biases
+- `stories_dir`          <repo>/../shared/models/stories260K (skipped when absent)
+- `qwen3_06b_config_dir` a directory holding only the Qwen3-0.6B config.json (skipped when absent)
+- `unsupported_arch_dir` a config-only directory whose architecture is "FooForCausalLM"
+
+`hf_model(path)` loads (and caches per session) the float32 eager-attention HF reference model.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED = REPO_ROOT.parent / "shared"
+STORIES_DIR = SHARED / "models" / "stories260K"
+QWEN3_06B_CONFIG = SHARED / "configs" / "qwen3-0.6b.json"
+
+TINY_VOCAB = 384  # tokenizer and model vocabulary size of the tiny checkpoints
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+# --------------------------------------------------------------------------- markers
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "the little girl",
+    "a small boy",
+    "the old man",
+    "my friend",
+    "the bird",
+    "a happy fox",
+    "the teacher",
+    "her mother",
+    "the tiny robot",
+    "a brave knight",
+    "the king",
+    "our neighbor",
+    "the green frog",
+    "a sleepy bear",
+]
+_VERBS = [
+    "saw",
+    "liked",
+    "found",
+    "wanted",
+    "made",
+    "took",
+    "gave",
+    "loved",
+    "painted",
+    "carried",
+    "opened",
+    "watched",
+    "visited",
+    "followed",
+    "built",
+    "shared",
+]
+_OBJECTS = [
+    "a red ball",
+    "the big tree",
+    "some cake",
+    "a shiny stone",
+    "the blue sky",
+    "a long river",
+    "the old house",
+    "a funny hat",
+    "the warm sun",
+    "a yellow flower",
+    "the quiet park",
+    "a wooden box",
+    "the tall tower",
+    "a secret map",
+    "the cold water",
+    "a soft pillow",
+]
+_TAILS = [
+    "",
+    " today",
+    " in the morning",
+    " after school",
+    " with a smile",
+    " near the lake",
+    " every day",
+    " at night",
+    " because it was fun",
+    " and then went home",
+]
+
+
+def _corpus(n: int = 600, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_TAILS)}."
+        out.append(s[0].upper() + s[1:])
+    # a few extra shapes so digits, questions and quotes are covered too
+    for i in range(60):
+        out.append(f'"Can you count to {i}?" asked {rng.choice(_SUBJECTS)}. "Yes, {i}!"')
+    return out
+
+
+def _train_tokenizer(out_dir: Path, chat_template: str | None = None) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    assert tok.get_vocab_size() == TINY_VOCAB, tok.get_vocab_size()
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [UNK_ID, BOS_ID, EOS_ID]
+    # prepend <s> like Llama tokenizers do
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
+        model_max_length=4096,
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(out_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("tiny_tokenizer")
+    _train_tokenizer(d, chat_template=CHAT_TEMPLATE)
+    return str(d)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _randomize_(model: torch.nn.Module, seed: int, std: float = 0.25) -> None:
+    """Overwrite every parameter with seeded noise large enough that logits are far from flat.
+
+    Norm weights become 1 + small noise (so the residual stream stays well scaled); everything
+    else (embeddings, projections, biases, lm_head) is N(0, std^2).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+
+
+def _common_config(**kw) -> dict:
+    base = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=None,
+        torch_dtype="float32",
+    )
+    base.update(kw)
+    return base
+
+
+def _build(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    config_cls_name: str,
+    model_cls_name: str,
+    seed: int,
+    chat_template: str | None = None,
+    **config_kw,
+) -> str:
+    import transformers
+
+    d = tmp_path_factory.mktemp(name)
+    config = getattr(transformers, config_cls_name)(**_common_config(**config_kw))
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls_name)(config).to(torch.float32).eval()
+    _randomize_(model, seed)
+    model.save_pretrained(str(d), safe_serialization=True)
+    _train_tokenizer(d, chat_template=chat_template)
+    return str(d)
+
+
+LLAMA3_ROPE_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.fixture(scope="session")
+def llama_gqa_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # original_max_position_embeddings=64 with head_dim 16: wavelengths between 16 and 64 are
+    # interpolated and longer ones divided by 8, so the scaling changes most rotary dims.
+    return _build(
+        tmp_path_factory,
+        "llama_gqa",
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        seed=1,
+        num_hidden_layers=3,
+        rope_theta=10000.0,
+        rope_scaling=dict(LLAMA3_ROPE_SCALING),
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_gqa_v4_dir(llama_gqa_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`llama_gqa_dir` with config.json in the transformers-4.x dialect.
+
+    Top-level `rope_theta` and a `rope_scaling` dict, no `rope_parameters`, `torch_dtype`
+    instead of `dtype`. Weights and tokenizer are identical to `llama_gqa_dir`.
+    """
+    d = tmp_path_factory.mktemp("llama_gqa_v4")
+    for f in Path(llama_gqa_dir).iterdir():
+        if f.is_file():
+            shutil.copy(f, d / f.name)
+    cfg = json.loads((d / "config.json").read_text())
+    rope = dict(cfg.pop("rope_parameters", None) or {})
+    theta = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    if not rope:
+        rope = dict(LLAMA3_ROPE_SCALING)
+    cfg["rope_theta"] = float(theta)
+    cfg["rope_scaling"] = rope
+    if "dtype" in cfg:
+        cfg["torch_dtype"] = cfg.pop("dtype")
+    cfg["transformers_version"] = "4.46.0"
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tied_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _build(
+        tmp_path_factory,
+        "qwen3_tied",
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        seed=2,
+        chat_template=CHAT_TEMPLATE,
+        head_dim=32,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3_untied_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _build(
+        tmp_path_factory,
+        "qwen3_untied",
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        seed=3,
+        num_hidden_layers=3,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen2_bias_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # Qwen2 has biases on q/k/v only; `_randomize_` makes them non-zero.
+    return _build(
+        tmp_path_factory,
+        "qwen2_bias",
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        seed=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
+
+
+# --------------------------------------------------------------------------- shared models
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> str:
+    if not (STORIES_DIR / "config.json").is_file():
+        pytest.skip(f"stories260K not found at {STORIES_DIR}")
+    return str(STORIES_DIR)
+
+
+@pytest.fixture(scope="session")
+def qwen3_06b_config_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    if not QWEN3_06B_CONFIG.is_file():
+        pytest.skip(f"Qwen3-0.6B config not found at {QWEN3_06B_CONFIG}")
+    d = tmp_path_factory.mktemp("qwen3_06b_config")
+    shutil.copy(QWEN3_06B_CONFIG, d / "config.json")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def unsupported_arch_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    d = tmp_path_factory.mktemp("foo_arch")
+    cfg = _common_config(architectures=["FooForCausalLM"], model_type="foo")
+    cfg["dtype"] = cfg.pop("torch_dtype")
+    (d / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(d)
+
+
+# --------------------------------------------------------------------------- HF references
+
+_HF_CACHE: dict[str, torch.nn.Module] = {}
+
+
+def load_hf_model(path: str) -> torch.nn.Module:
+    """The float32, eager-attention transformers model of `path`, cached for the session."""
+    if path not in _HF_CACHE:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        )
+        _HF_CACHE[path] = model.eval()
+    return _HF_CACHE[path]
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return load_hf_model
