@@ -198,8 +198,8 @@ def download(out: str | Path, timeout: float = 60.0) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "--download":
-        argv[0] = "download"
+    if "--download" in argv:  # `--download` is an alias of the `download` command
+        argv = ["download"] + [a for a in argv if a != "--download"]
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
