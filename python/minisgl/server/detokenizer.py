@@ -1,0 +1,210 @@
+"""Detokenizer worker: token ids from the scheduler -> exact incremental text for the API.
+
+Incremental decoding uses the prefix-offset / read-offset technique (as in vLLM and SGLang):
+for each request we decode a short window `ids[prefix:]` and emit what it adds beyond
+`ids[prefix:read]`. Decoding a window that starts a few tokens back keeps SentencePiece's
+leading spaces right, and text ending in U+FFFD (an incomplete multi-byte UTF-8 character
+spread over byte-fallback tokens) is held back until the character completes. The
+concatenation of the deltas equals `tokenizer.decode(ids, skip_special_tokens=True)`.
+
+SentencePiece's byte-fallback decoder turns a whole run of byte tokens into text at once (and
+into one U+FFFD per byte when the run is not valid UTF-8), so a later byte can change the text
+of earlier ones. To stay exact we also hold text back while the last (non-special) token is a
+byte token; the run is released at the next ordinary token or when the request finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from minisgl.messages import AbortReq, ErrorOut, TextOut, TokenOut, decode, encode
+
+logger = logging.getLogger("minisgl.detokenizer")
+
+_DECODE_KW = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+
+
+@dataclass
+class _DecodeState:
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # start of the context window
+    read: int = 0  # tokens up to here have been turned into text
+
+
+class IncrementalDetokenizer:
+    """Per-request incremental detokenization state, batched over one scheduler step."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[int, _DecodeState] = {}
+        self._anchor: list[int] | None = None
+        self._token_text: dict[int, str] = {}
+        self.byte_ids: frozenset[int] = frozenset()
+        self.special_ids: frozenset[int] = frozenset()
+        if tokenizer is not None:
+            self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
+            try:
+                pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+                byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+                self.byte_ids = frozenset(i for i, p in enumerate(pieces) if p and byte.match(p))
+            except Exception:  # exotic tokenizer: FFFD hold-back alone
+                pass
+
+    def _batch_decode(self, seqs: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(seqs, **_DECODE_KW)
+
+    def _in_byte_run(self, ids: list[int]) -> bool:
+        if not self.byte_ids:
+            return False
+        for t in reversed(ids):
+            if t not in self.special_ids:
+                return t in self.byte_ids
+        return False
+
+    def step(self, items: list[tuple[int, list[int], bool]]) -> list[str]:
+        """`items`: (uid, new token ids, finished). Returns one text delta per item."""
+        if self.tokenizer is None:
+            for uid, _, done in items:
+                if done:
+                    self.states.pop(uid, None)
+            return [""] * len(items)
+        states = []
+        for uid, new_ids, _ in items:
+            st = self.states.get(uid)
+            if st is None:
+                st = self.states[uid] = _DecodeState()
+            st.ids.extend(new_ids)
+            states.append(st)
+        prefix_texts = self._batch_decode([st.ids[st.prefix : st.read] for st in states])
+        full_texts = self._batch_decode([st.ids[st.prefix :] for st in states])
+        out = []
+        for (uid, _, done), st, before, full in zip(items, states, prefix_texts, full_texts):
+            if done:
+                self.states.pop(uid, None)
+            complete = not full.endswith("\ufffd") and not self._in_byte_run(st.ids)
+            if done or (len(full) > len(before) and complete):
+                out.append(full[len(before) :])
+                st.prefix, st.read = st.read, len(st.ids)
+            else:
+                out.append("")
+        return out
+
+    def drop(self, uid: int) -> None:
+        self.states.pop(uid, None)
+
+    def token_text(self, token_id: int) -> str:
+        """Text of one token as it reads mid-sentence (keeps SentencePiece's leading space)."""
+        if self.tokenizer is None:
+            return ""
+        text = self._token_text.get(token_id)
+        if text is None:
+            tok = self.tokenizer
+            if self._anchor is None:
+                self._anchor = tok.encode("a", add_special_tokens=False)[-1:] or [0]
+            head = tok.decode(self._anchor, skip_special_tokens=False)
+            both = tok.decode(self._anchor + [token_id], skip_special_tokens=False)
+            text = both[len(head) :] if both.startswith(head) else tok.decode([token_id])
+            if len(self._token_text) < 1_000_000:
+                self._token_text[token_id] = text
+        return text
+
+    def render_logprobs(self, row: Any) -> Any:
+        """[lp, [[id, lp], ...]] from the scheduler -> [lp, [[id, text, lp], ...]]."""
+        if row is None:
+            return None
+        lp, top = row
+        return [lp, [[int(i), self.token_text(int(i)), float(v)] for i, v in top]]
+
+
+def load_tokenizer(model: str) -> Any | None:
+    """The model's tokenizer, or None when the directory has none (dummy-weight dirs)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # no tokenizer files: ids still flow, text is empty
+        logger.warning("no tokenizer for %s (%s): outputs carry token ids only", model, e)
+        return None
+
+
+class Detokenizer:
+    """Turns TokenOut batches into TextOut messages; forwards everything else unchanged."""
+
+    def __init__(self, tokenizer: Any | None, max_aborted: int = 65536) -> None:
+        self.inc = IncrementalDetokenizer(tokenizer)
+        self.aborted: OrderedDict[int, None] = OrderedDict()
+        self.max_aborted = max_aborted
+
+    def handle(self, msg: Any) -> list[Any]:
+        if isinstance(msg, TokenOut):
+            return self.handle_tokens(msg)
+        if isinstance(msg, AbortReq):  # from the API: the client is gone, free the state
+            self.inc.drop(msg.uid)
+            self.aborted[msg.uid] = None
+            while len(self.aborted) > self.max_aborted:
+                self.aborted.popitem(last=False)
+            return []
+        if isinstance(msg, ErrorOut):
+            self.inc.drop(msg.uid)
+        return [msg]
+
+    def handle_tokens(self, msg: TokenOut) -> list[TextOut]:
+        n = len(msg.uids)
+        logprobs = msg.logprobs or [None] * n
+        cached = msg.cached or [0] * n
+        prompt_lens = msg.prompt_lens or [0] * n
+        # group rows by uid (a request normally appears once per step)
+        order: dict[int, dict[str, Any]] = {}
+        for i, uid in enumerate(msg.uids):
+            if uid in self.aborted:
+                if msg.finished[i] is not None:
+                    self.aborted.pop(uid, None)
+                continue
+            g = order.get(uid)
+            if g is None:
+                g = order[uid] = {"ids": [], "lps": [], "done": None}
+            g["ids"].append(int(msg.tokens[i]))
+            g["lps"].append(self.inc.render_logprobs(logprobs[i]))
+            g["done"] = msg.finished[i]
+            g["cached"], g["prompt_len"] = cached[i], prompt_lens[i]
+        if not order:
+            return []
+        items = [(uid, g["ids"], g["done"] is not None) for uid, g in order.items()]
+        texts = self.inc.step(items)
+        return [
+            TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"])
+            for (uid, g), text in zip(order.items(), texts)
+        ]
+
+
+def run_detokenizer(args: Any) -> None:
+    """Process entry: PULL at {zmq_dir}/detokenizer, PUSH to {zmq_dir}/api."""
+    import zmq
+
+    from minisgl.messages import Ready
+
+    tokenizer = load_tokenizer(args.model)
+    detok = Detokenizer(tokenizer)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.bind(f"ipc://{args.zmq_dir}/detokenizer")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(f"ipc://{args.zmq_dir}/api")
+    ready = ctx.socket(zmq.PUSH)
+    ready.connect(f"ipc://{args.zmq_dir}/launcher")
+    ready.send(encode(Ready("detokenizer", {"has_tokenizer": tokenizer is not None})))
+    while True:
+        data = pull.recv()
+        try:
+            msg = decode(data)
+        except Exception as e:
+            logger.error("detokenizer: undecodable message dropped: %s", e)
+            continue
+        for out in detok.handle(msg):
+            push.send(encode(out))

@@ -1,0 +1,169 @@
+"""The incremental detokenizer alone: streamed deltas must concatenate to the full decode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from minisgl.messages import AbortReq, ErrorOut, Stats, TextOut, TokenOut
+from minisgl.server.detokenizer import Detokenizer, IncrementalDetokenizer
+
+MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
+pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} not found")
+
+TEXTS = [
+    "Once upon a time, there was a little girl.",
+    "Hello world 😀 你好 ok",
+    "  two leading spaces and trailing  ",
+    "émoji🎉🎉 mixed ÄÖÜ ß → ∑ 日本語のテキスト",
+    "😀",
+    " a",
+    "\n\nnew lines\tand tabs",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(MODEL))
+
+
+def full_decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def stream(inc: IncrementalDetokenizer, uid: int, chunks: list[list[int]]) -> list[str]:
+    out = []
+    for i, chunk in enumerate(chunks):
+        out += inc.step([(uid, chunk, i == len(chunks) - 1)])
+    return out
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_one_token_at_a_time(tok, text):
+    ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    inc = IncrementalDetokenizer(tok)
+    deltas = stream(inc, 7, [[i] for i in ids])
+    assert "".join(deltas) == full_decode(tok, ids)
+    assert not any("\ufffd" in d for d in deltas), deltas  # multi-byte chars held back whole
+    assert inc.states == {}  # freed when finished
+
+
+def test_multibyte_held_back_until_complete(tok):
+    ids = tok.encode("x 😀 ok", add_special_tokens=False)
+    inc = IncrementalDetokenizer(tok)
+    deltas = [inc.step([(1, [i], False)])[0] for i in ids]
+    # the emoji arrives as 4 byte-fallback tokens: held back (a later byte could still turn the
+    # run into invalid UTF-8) and released whole with the next ordinary token
+    k = next(j for j, d in enumerate(deltas) if "😀" in d)
+    assert deltas[k - 4 : k] == ["", "", "", ""] and "\ufffd" not in "".join(deltas)
+    assert "".join(deltas) == full_decode(tok, ids)
+
+
+def test_invalid_utf8_run_matches_full_decode(tok):
+    byte = {tok.convert_ids_to_tokens(i): i for i in range(tok.vocab_size)}
+    ids = [
+        byte["<0x00>"],
+        byte["<0x80>"],
+        byte["<0xE4>"],
+        tok.eos_token_id,
+        byte["<0xBD>"],
+        byte["<0xA0>"],
+    ]
+    ids += tok.encode("a", add_special_tokens=False)
+    for done_at_end in (True, False):
+        inc = IncrementalDetokenizer(tok)
+        got = "".join(
+            inc.step([(1, [i], done_at_end and k == len(ids) - 1)])[0] for k, i in enumerate(ids)
+        )
+        if done_at_end:
+            assert got == full_decode(tok, ids)
+        else:
+            assert full_decode(tok, ids).startswith(got)
+
+
+def test_leading_space_kept_mid_stream(tok):
+    ids = tok.encode("Once upon a time", add_special_tokens=False)
+    inc = IncrementalDetokenizer(tok)
+    deltas = stream(inc, 1, [[i] for i in ids])
+    assert deltas[0] == "Once" and deltas[1].startswith(" ")
+
+
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_random_ids_interleaved(tok, data):
+    """Random token ids (specials and byte tokens included), random chunking, 3 interleaved
+    requests in one detokenizer: deltas always concatenate to the full decode."""
+    n = 3
+    seqs = [
+        data.draw(st.lists(st.integers(0, tok.vocab_size - 1), min_size=1, max_size=40))
+        for _ in range(n)
+    ]
+    inc = IncrementalDetokenizer(tok)
+    pos = [0] * n
+    got = [""] * n
+    while any(p < len(s) for p, s in zip(pos, seqs)):
+        batch, who = [], []
+        for r in range(n):
+            if pos[r] < len(seqs[r]):
+                k = data.draw(st.integers(1, 3))
+                chunk = seqs[r][pos[r] : pos[r] + k]
+                pos[r] += len(chunk)
+                batch.append((r, chunk, pos[r] == len(seqs[r])))
+                who.append(r)
+        for r, d in zip(who, inc.step(batch)):
+            got[r] += d
+    for r in range(n):
+        assert got[r] == full_decode(tok, seqs[r])
+    assert inc.states == {}
+
+
+def test_worker_messages(tok):
+    ids = tok.encode("Hi 你好", add_special_tokens=False)
+    det = Detokenizer(tok)
+    texts, ids_seen = "", []
+    for k, t in enumerate(ids):
+        last = k == len(ids) - 1
+        out = det.handle(
+            TokenOut(
+                [5], [t], ["stop" if last else None], [[-0.5, [[t, -0.5], [3, -2.0]]]], [2], [9]
+            )
+        )
+        assert len(out) == 1 and isinstance(out[0], TextOut)
+        texts += out[0].text
+        ids_seen += out[0].token_ids
+        lp = out[0].logprobs[0]
+        assert lp[0] == -0.5 and lp[1][0][0] == t and isinstance(lp[1][0][1], str)
+        assert out[0].cached == 2 and out[0].prompt_len == 9
+    assert texts == full_decode(tok, ids) and ids_seen == ids
+    assert out[0].finished == "stop"
+    # other messages pass through unchanged
+    for m in (ErrorOut(3, "bad", 400), Stats({"running_reqs": 1.0})):
+        assert det.handle(m) == [m]
+    # aborted uids: state freed, late rows dropped
+    det.handle(TokenOut([8], [ids[0]], [None]))
+    assert 8 in det.inc.states
+    assert det.handle(AbortReq(8)) == [] and 8 not in det.inc.states
+    assert det.handle(TokenOut([8, 9], [ids[1], ids[1]], [None, None])) != []
+    assert 8 not in det.inc.states and 9 in det.inc.states
+
+
+def test_token_text_keeps_space(tok):
+    inc = IncrementalDetokenizer(tok)
+    once = tok.encode("Once upon", add_special_tokens=False)
+    assert inc.token_text(once[-1]).startswith(" ")
+
+
+def test_no_tokenizer_passes_ids():
+    det = Detokenizer(None)
+    out = det.handle(TokenOut([1, 2], [10, 11], [None, "length"]))
+    assert [(o.uid, o.text, o.token_ids, o.finished) for o in out] == [
+        (1, "", [10], None),
+        (2, "", [11], "length"),
+    ]
+    assert det.inc.states == {}
