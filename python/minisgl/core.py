@@ -113,12 +113,9 @@ class Batch:
     extend_lens: list[int]  # tokens to compute per request in this step
     prefix_lens: list[int]  # tokens already in the KV cache per request
     sample_mask: list[bool]  # whether the request samples a token this step (False mid-chunk)
-    # filled by the engine/scheduler
-    input_ids: Any = None
-    positions: Any = None
-    out_loc: Any = None
-    attn_meta: Any = None
-    padded_size: int = 0
+    out_loc: list[int]  # KV slot of every new token
+    input_ids: list[int] | None = None  # new tokens' ids (prefill); decode reads them on the device
+    sample_positions: list[int] = field(default_factory=list)  # position of each sampled token
 
     @property
     def size(self) -> int:

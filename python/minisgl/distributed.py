@@ -1,0 +1,52 @@
+"""Tensor-parallel process group: rank/size and the two collectives the model needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPInfo:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.rank == 0
+
+
+_TP = TPInfo()
+
+
+def set_tp_info(rank: int, size: int) -> None:
+    global _TP
+    _TP = TPInfo(rank, size)
+
+
+def get_tp_info() -> TPInfo:
+    return _TP
+
+
+def init_distributed(rank: int, size: int, device: str, port: int) -> None:
+    set_tp_info(rank, size)
+    if size == 1:
+        return
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    if _TP.size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if _TP.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_TP.size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,107 @@
+"""Token sampling on the device: greedy, temperature, top-k, top-p and per-request seeds, all
+rows of a batch at once and without host synchronisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core import Req
+
+
+def top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
+    """Zero every token outside the top-k, then outside the smallest nucleus of mass top-p
+    (computed on the renormalised top-k distribution); at least one token survives."""
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    vocab = probs.shape[-1]
+    ranks = torch.arange(vocab, device=probs.device)[None, :]
+    k = torch.where(top_ks < 0, vocab, top_ks)[:, None]
+    sorted_p = sorted_p.masked_fill(ranks >= k, 0.0)
+    sorted_p = sorted_p / sorted_p.sum(-1, keepdim=True)
+    # mass strictly before a token already reaches top_p -> the token is outside the nucleus
+    before = sorted_p.cumsum(-1) - sorted_p
+    sorted_p = sorted_p.masked_fill((before >= top_ps[:, None]) & (top_ps[:, None] < 1.0), 0.0)
+    return torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+
+
+def sample(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    generator: torch.Generator | None = None,
+    seeded: list[tuple[int, int]] | None = None,
+    needs_filter: bool = True,
+) -> torch.Tensor:
+    """One token per row. Rows with temperature 0 are greedy. `seeded` lists (row, rng seed)
+    pairs whose noise comes from their own generator, so they do not depend on the batch."""
+    greedy = logits.argmax(dim=-1)
+    t = torch.where(temperatures > 0, temperatures, 1.0)
+    probs = torch.softmax(logits / t[:, None], dim=-1)
+    if needs_filter:
+        probs = top_k_top_p(probs, top_ks, top_ps)
+    # exponential race: argmax p_i / E_i with E_i ~ Exp(1) draws i with probability p_i
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    for row, seed in seeded or ():
+        gen = torch.Generator(device=probs.device).manual_seed(seed)
+        noise[row].exponential_(generator=gen)
+    sampled = (probs / noise).argmax(dim=-1)
+    return torch.where(temperatures > 0, sampled, greedy)
+
+
+@dataclass
+class SamplingInfo:
+    """Per-batch sampling tensors, built on the host once per batch."""
+
+    temperatures: torch.Tensor
+    top_ks: torch.Tensor
+    top_ps: torch.Tensor
+    seeded: list[tuple[int, int]]
+    needs_filter: bool
+    all_greedy: bool
+    logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, top-n)
+
+    @classmethod
+    def build(cls, reqs: list[Req], positions: list[int], device: str) -> SamplingInfo:
+        ps = [r.params for r in reqs]
+        temps = [0.0 if p.top_k == 1 else p.temperature for p in ps]
+        seeded = [
+            (i, _mix(p.seed, pos)) for i, (p, pos) in enumerate(zip(ps, positions)) if p.seed is not None and temps[i] > 0
+        ]
+        return cls(
+            temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
+            top_ks=torch.tensor([p.top_k for p in ps], dtype=torch.int64).to(device, non_blocking=True),
+            top_ps=torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(device, non_blocking=True),
+            seeded=seeded,
+            needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
+            all_greedy=all(t == 0 for t in temps),
+            logprob_rows=[(i, p.logprobs) for i, p in enumerate(ps) if p.logprobs >= 0],
+        )
+
+
+def _mix(seed: int, step: int) -> int:
+    """A per-(seed, position) generator seed: reproducible whatever else is in the batch."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77) % (2**63 - 1)
+
+
+class Sampler:
+    def __init__(self, device: str, seed: int) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+        if info.all_greedy:
+            return logits.argmax(dim=-1)
+        return sample(
+            logits, info.temperatures, info.top_ks, info.top_ps, self.generator, info.seeded, info.needs_filter
+        )
+
+
+def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[int, int]]) -> tuple:
+    """(chosen logprob [R], top values [R, n], top ids [R, n]) for the requested rows."""
+    idx = torch.tensor([r for r, _ in rows], device=logits.device)
+    n = max(k for _, k in rows)
+    lp = torch.log_softmax(logits[idx], dim=-1)
+    chosen = lp.gather(-1, tokens[idx].unsqueeze(-1)).squeeze(-1)
+    top = lp.topk(max(n, 1), dim=-1)
+    return chosen, top.values, top.indices

@@ -1,0 +1,86 @@
+"""Model hyper-parameters read straight from a HF `config.json` (both config dialects)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    torch_dtype: str
+    eos_token_ids: list[int]
+
+    @classmethod
+    def from_dir(cls, path: str) -> ModelConfig:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+        eos = _as_list(cfg.get("eos_token_id"))
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.exists(gen_path):
+            with open(gen_path) as f:
+                eos += [e for e in _as_list(json.load(f).get("eos_token_id")) if e not in eos]
+        return cls.from_dict(cfg, eos)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], eos_token_ids: list[int] | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or ["<missing>"]
+        arch = archs[0]
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
+        rope = cfg.get("rope_parameters") or {}
+        theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
+            if scaling["rope_type"] == "default":
+                scaling = None
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+        is_qwen2 = arch == "Qwen2ForCausalLM"
+        bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            architecture=arch,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=is_qwen2 or bias,
+            o_bias=bias and not is_qwen2,
+            qk_norm=arch == "Qwen3ForCausalLM",
+            torch_dtype=str(dtype).replace("torch.", ""),
+            eos_token_ids=list(eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))),
+        )
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(i) for i in x] if isinstance(x, list) else [int(x)]

@@ -1,0 +1,89 @@
+"""Checkpoint resolution (local dir or HF hub id) and safetensors loading into the model."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from tqdm import tqdm
+
+# HF name fragment -> (our fused parameter fragment, shard index)
+_FUSED = {
+    ".q_proj.": (".qkv_proj.", 0),
+    ".k_proj.": (".qkv_proj.", 1),
+    ".v_proj.": (".qkv_proj.", 2),
+    ".gate_proj.": (".gate_up_proj.", 0),
+    ".up_proj.": (".gate_up_proj.", 1),
+}
+
+
+def resolve_model_path(model: str) -> str:
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"--model {model!r} is a file; give a directory or a Hugging Face model id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # network errors, unknown repos, gated models
+        raise ValueError(f"cannot find model {model!r} locally or on the Hugging Face hub: {e}") from e
+
+
+def safetensors_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, n) for n in names]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path} (only safetensors is supported; or pass --dummy-weight)")
+    return files
+
+
+def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> None:
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    files = safetensors_files(path)
+    for file in tqdm(files, desc="Loading weights", disable=not show_progress or len(files) < 2):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if "rotary_emb" in name:
+                    continue
+                target, shard = name, None
+                for frag, (fused, idx) in _FUSED.items():
+                    if frag in name:
+                        target, shard = name.replace(frag, fused), idx
+                        break
+                if target not in params:
+                    if target == "lm_head.weight" and model.cfg.tie_word_embeddings:
+                        continue  # a tied checkpoint may still ship its own copy
+                    raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(file)}")
+                param = params[target]
+                tensor = f.get_tensor(name)
+                with torch.no_grad():
+                    if shard is None:
+                        param.weight_loader(param, tensor.to(param.dtype))
+                    else:
+                        param.weight_loader(param, tensor.to(param.dtype), shard)
+                seen.add(target)
+    missing = [n for n in params if n not in seen and not (n == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights of a sensible scale, so dummy runs produce finite, varied logits."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
+                p.copy_(cpu)

@@ -1,0 +1,106 @@
+"""Per-request memory: table rows, KV pages, the host copy of the slot table and the prefix
+cache. Every page is, at all times, free, owned by exactly one request, or in the cache."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import Req
+from ..engine.engine import Engine
+from ..kvcache.base import create_cache_manager
+from ..kvcache.pool import PageAllocator
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ReqMemory:
+    def __init__(self, engine: Engine, cache: str) -> None:
+        self.engine = engine
+        self.ps = engine.page_size
+        self.pages = PageAllocator(engine.num_pages)
+        self.cache = create_cache_manager(cache, self.ps)
+        self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
+        self.host_slots = torch.zeros(engine.max_reqs, engine.max_seq_len, dtype=torch.int64)
+
+    # -- pages ------------------------------------------------------------------------------
+    def ensure_free(self, num_pages: int) -> bool:
+        """Make `num_pages` free, evicting unlocked cache leaves if needed."""
+        short = num_pages - self.pages.num_free
+        if short > 0:
+            self._free_slots(self.cache.evict(short * self.ps))
+        return self.pages.num_free >= num_pages
+
+    def _free_slots(self, slots: torch.Tensor) -> None:
+        if len(slots):
+            self.pages.free((slots[:: self.ps] // self.ps).tolist())
+
+    def pages_to_extend(self, req: Req, n: int) -> int:
+        return _cdiv(req.cached_len + n, self.ps) - _cdiv(req.cached_len, self.ps)
+
+    # -- admission / release ----------------------------------------------------------------
+    def admit(self, req: Req, extend: int, reserve: int) -> bool:
+        """Give `req` a row, its cached prefix and pages for its first `extend` new tokens
+        (plus `reserve` spare pages for the running batch); False leaves everything as it was."""
+        handle, prefix = self.cache.match_prefix(req.token_ids[: req.device_len - 1])
+        self.cache.lock(handle)
+        hit = len(prefix)
+        extend = min(extend, req.device_len - hit)
+        if not self.free_rows or not self.ensure_free(_cdiv(extend, self.ps) + reserve):
+            self.cache.unlock(handle)
+            return False
+        req.table_idx = self.free_rows.pop()
+        req.cache_handle, req.cache_hit, req.cached_len = handle, hit, hit
+        if hit:
+            self.host_slots[req.table_idx, :hit] = prefix
+            self.engine.write_slots(req.table_idx, 0, prefix)
+        return True
+
+    def extend(self, req: Req, n: int) -> list[int]:
+        """Allocate KV slots for positions [cached_len, cached_len + n) of `req`."""
+        start, ps, row = req.cached_len, self.ps, req.table_idx
+        pos = torch.arange(start, start + n)
+        new_pages = self.pages.alloc(self.pages_to_extend(req, n))
+        first_new = _cdiv(start, ps)  # index (within the request) of its first new page
+        page_idx = pos // ps
+        if new_pages:
+            own = torch.tensor(new_pages, dtype=torch.int64)
+            page = own[(page_idx - first_new).clamp(min=0)]
+        else:
+            page = torch.zeros_like(pos)
+        if start % ps:  # the tail of a partly filled last page comes first
+            old_page = self.host_slots[row, start - 1] // ps
+            page = torch.where(page_idx < first_new, old_page, page)
+        slots = page * ps + pos % ps
+        self.host_slots[row, start : start + n] = slots
+        return slots.tolist()
+
+    def release(self, req: Req) -> None:
+        """Hand the request's KV to the prefix cache (what it can hold) and free the rest."""
+        row, ps = req.table_idx, self.ps
+        if row < 0:
+            return
+        known = min(len(req.token_ids), req.cached_len) // ps * ps
+        slots = self.host_slots[row, : _cdiv(req.cached_len, ps) * ps]
+        already = self.cache.insert(req.token_ids[:known], slots[:known].clone())
+        self._free_slots(slots[req.cache_hit : already])  # duplicates of what the cache had
+        self._free_slots(slots[known:])
+        self.cache.unlock(req.cache_handle)
+        self.free_rows.append(row)
+        req.table_idx, req.cache_handle, req.cache_hit, req.cached_len = -1, None, 0, 0
+
+    # -- accounting -------------------------------------------------------------------------
+    def owned_pages(self, req: Req) -> int:
+        return _cdiv(req.cached_len, self.ps) - req.cache_hit // self.ps if req.table_idx >= 0 else 0
+
+    def check(self, reqs: list[Req]) -> None:
+        """Every page is free, cached or owned by exactly one live request."""
+        self.cache.check()
+        cached = (self.cache.evictable_tokens + self.cache.protected_tokens) // self.ps
+        owned = sum(self.owned_pages(r) for r in reqs)
+        assert self.pages.num_free + cached + owned == self.pages.num_pages, (
+            f"page leak: free {self.pages.num_free} + cached {cached} + owned {owned} != {self.pages.num_pages}"
+        )
+        live = sum(r.table_idx >= 0 for r in reqs)
+        assert len(self.free_rows) + live == self.engine.max_reqs, "table row leak"

@@ -1,0 +1,230 @@
+"""Continuous batching over one engine: admission with chunked prefill, decode batches,
+retraction under KV pressure, stop conditions, aborts and overlap scheduling.
+
+Overlap: `step()` schedules and launches batch N+1 before it reads batch N's tokens, so the CPU
+work of scheduling hides behind the device. Decode inputs are read on the device from the
+engine's `next_tokens`, so launching N+1 never waits for N.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from ..args import ServerArgs, overlap_enabled
+from ..core import Batch, FinishReason, Req, SamplingParams
+from ..engine.engine import Engine, StepOutput
+from ..messages import TokenOut
+from .memory import ReqMemory
+
+log = logging.getLogger("minisgl.scheduler")
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut], None]) -> None:
+        self.engine, self.args, self.on_output = engine, args, on_output
+        self.mem = ReqMemory(engine, args.cache)
+        self.max_running = engine.max_reqs
+        self.prefill_budget = args.max_prefill_length
+        self.overlap = overlap_enabled()
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
+        self.chunked: Req | None = None
+        self.reqs: dict[int, Req] = {}
+        self.last: StepOutput | None = None
+        self.last_was_prefill = False
+        self.eos = set(engine.cfg.eos_token_ids)
+        self.debug_checks = False  # tests turn on the invariant check after every step
+        self.counters = dict(prefix_hit_tokens=0, prefill_tokens=0, decode_tokens=0, retracted=0)
+
+    # -- requests in ----------------------------------------------------------------------
+    def validate(self, input_ids: list[int], params: SamplingParams) -> str | None:
+        """A user-facing reason why the request can never run, or None."""
+        if not input_ids:
+            return "the prompt is empty"
+        vocab = self.engine.cfg.vocab_size
+        if any(not (0 <= t < vocab) for t in input_ids):
+            return f"token ids must be in [0, {vocab})"
+        total = len(input_ids) + params.max_tokens
+        if total > self.engine.max_seq_len:
+            return (
+                f"prompt ({len(input_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the context length {self.engine.max_seq_len}"
+            )
+        if total > self.engine.max_tokens_in_pool:
+            return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
+        return None
+
+    def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
+        err = self.validate(input_ids, params)
+        if err is None:
+            if uid in self.reqs:
+                return f"duplicate request id {uid}"
+            req = Req(uid, list(input_ids), params)
+            self.reqs[uid] = req
+            self.waiting.append(req)
+        return err
+
+    def abort(self, uid: int) -> bool:
+        req = self.reqs.get(uid)
+        if req is None or req.finished:
+            return False
+        self._finish(req, FinishReason.ABORT)  # whoever aborts already knows: no output
+        return True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running or self.last)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def step(self) -> None:
+        batch = self._schedule()
+        out = self.engine.forward(batch) if batch else None
+        if self.overlap:
+            last, self.last = self.last, out
+            if last is not None:
+                self._process(last)
+        elif out is not None:
+            self._process(out)
+        if self.debug_checks:
+            self.mem.check(list(self.reqs.values()))
+
+    def _schedule(self) -> Batch | None:
+        decodable = [r for r in self.running if r is not self.chunked and r.device_len < r.max_device_len]
+        if (self.chunked or self.waiting) and not (self.last_was_prefill and decodable):
+            batch = self._schedule_prefill()
+            if batch is not None:
+                self.last_was_prefill = True
+                return batch
+        self.last_was_prefill = False
+        return self._schedule_decode(decodable) if decodable else None
+
+    def _schedule_prefill(self) -> Batch | None:
+        budget = self.prefill_budget
+        reqs, extends = [], []
+        if self.chunked is not None:
+            req = self.chunked
+            n = min(req.device_len - req.cached_len, budget)
+            if self.mem.ensure_free(self.mem.pages_to_extend(req, n)):
+                reqs.append(req), extends.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_running:
+            req = self.waiting[0]
+            if req.device_len > len(req.token_ids):
+                break  # a retracted request whose last token is still in flight
+            if not self.mem.admit(req, budget, reserve=len(self.running)):
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            self.counters["prefix_hit_tokens"] += req.cache_hit
+            n = min(req.device_len - req.cached_len, budget)
+            reqs.append(req), extends.append(n)
+            budget -= n
+        if not reqs:
+            return None
+        prefix = [r.cached_len for r in reqs]
+        out_loc = [s for r, n in zip(reqs, extends) for s in self.mem.extend(r, n)]
+        input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
+        sample = []
+        if self.chunked in reqs:
+            self.chunked = None
+        for r, n in zip(reqs, extends):
+            r.cached_len += n
+            done = r.cached_len == r.device_len
+            sample.append(done)
+            if not done:
+                self.chunked = r
+        batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
+        self._advance(batch)
+        self.counters["prefill_tokens"] += sum(extends)
+        return batch
+
+    def _schedule_decode(self, reqs: list[Req]) -> Batch | None:
+        need = sum(self.mem.pages_to_extend(r, 1) for r in reqs)
+        while not self.mem.ensure_free(need):
+            victim = reqs.pop()  # the newest request gives its pages back and is recomputed later
+            need -= self.mem.pages_to_extend(victim, 1)
+            self._retract(victim)
+            if not reqs:
+                return None
+        prefix = [r.cached_len for r in reqs]
+        out_loc = [s for r in reqs for s in self.mem.extend(r, 1)]
+        for r in reqs:
+            r.cached_len += 1
+        batch = Batch(reqs, False, [1] * len(reqs), prefix, [True] * len(reqs), out_loc)
+        self._advance(batch)
+        self.counters["decode_tokens"] += len(reqs)
+        return batch
+
+    def _advance(self, batch: Batch) -> None:
+        batch.sample_positions = [r.device_len for r, s in zip(batch.reqs, batch.sample_mask) if s]
+        for r, s in zip(batch.reqs, batch.sample_mask):
+            if s:
+                r.device_len += 1
+
+    def _retract(self, req: Req) -> None:
+        log.info("KV cache full: retracting request %d (will be recomputed)", req.uid)
+        self.counters["retracted"] += 1
+        self.running.remove(req)
+        self.mem.release(req)
+        self.waiting.appendleft(req)
+
+    # -- results ----------------------------------------------------------------------------
+    def _process(self, out: StepOutput) -> None:
+        if out.tokens is None:
+            return
+        out.wait()
+        tokens = out.tokens.tolist()
+        lp = [x.tolist() for x in out.logprobs] if out.logprobs is not None else None
+        sampled = [r for r, s in zip(out.batch.reqs, out.batch.sample_mask) if s]
+        msg = TokenOut([], [], [], [], [], [])
+        lp_row = 0
+        for req, tok in zip(sampled, tokens):
+            logprob = None
+            if req.params.logprobs >= 0:
+                n = req.params.logprobs
+                logprob = [lp[0][lp_row], [[i, v] for i, v in zip(lp[2][lp_row][:n], lp[1][lp_row][:n])]]
+                lp_row += 1
+            if req.finished:
+                continue  # stopped (EOS, abort) while this step was already in flight
+            req.token_ids.append(tok)
+            reason = None
+            if (tok in self.eos and not req.params.ignore_eos) or tok in req.params.stop_token_ids:
+                reason = FinishReason.STOP
+            elif req.num_outputs >= req.params.max_tokens or len(req.token_ids) >= self.engine.max_seq_len:
+                reason = FinishReason.LENGTH
+            for field, value in zip(
+                (msg.uids, msg.tokens, msg.finished, msg.logprobs, msg.cached, msg.prompt_lens),
+                (req.uid, tok, reason.value if reason else None, logprob, req.cache_hit, req.prompt_len),
+            ):
+                field.append(value)
+            if reason is not None:
+                self._finish(req, reason)
+        if msg.uids:
+            self.on_output(msg)
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finished, req.finish_reason = True, reason
+        hit = req.cache_hit
+        if req in self.running:
+            self.running.remove(req)
+            self.mem.release(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        if self.chunked is req:
+            self.chunked = None
+        req.cache_hit = hit  # keep the figure for the response after the pages are gone
+        del self.reqs[req.uid]
+
+    def stats(self) -> dict[str, float]:
+        cache = self.mem.cache
+        return dict(
+            running_reqs=len(self.running),
+            waiting_reqs=len(self.waiting),
+            pages_total=self.mem.pages.num_pages,
+            pages_free=self.mem.pages.num_free,
+            pages_cached=(cache.evictable_tokens + cache.protected_tokens) // self.mem.ps,
+            pages_used=self.mem.pages.num_pages - self.mem.pages.num_free,
+            **self.counters,
+        )

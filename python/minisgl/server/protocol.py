@@ -1,0 +1,252 @@
+"""Pydantic request schemas of the HTTP API (OpenAI-compatible routes and native /generate).
+
+Validation is strict: unknown top-level fields, wrong types (no string-to-number coercion),
+NaN/Infinity and out-of-range values are rejected with a 400 before anything reaches a worker.
+Checks that need the model (context length, vocabulary size) happen later, in the API handler
+(token-id prompts) or in the tokenizer worker (text prompts).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+
+SInt = Annotated[int, Strict()]
+SFloat = Annotated[float, Strict()]
+SBool = Annotated[bool, Strict()]
+SStr = Annotated[str, Strict()]
+
+MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_LEN = 1024
+MAX_TOP_LOGPROBS = 20
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: SBool = False
+    continuous_usage_stats: SBool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: SStr | None = None
+    max_tokens: SInt | None = None
+    temperature: SFloat | None = None
+    top_p: SFloat | None = None
+    top_k: SInt | None = None
+    n: SInt = 1
+    stream: SBool = False
+    stream_options: StreamOptions | None = None
+    stop: SStr | list[SStr] | None = None
+    stop_token_ids: list[SInt] | None = None
+    ignore_eos: SBool = False
+    seed: SInt | None = None
+    user: SStr | None = None
+    frequency_penalty: SFloat | None = None
+    presence_penalty: SFloat | None = None
+
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and not 1 <= v <= MAX_INT:
+            raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float | None) -> float | None:
+        if v is not None and not 0 <= v <= 100:
+            raise ValueError(f"must be in [0, 100], got {v}")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, v: int | None) -> int | None:
+        if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
+            raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s or len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
+        return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
+            raise ValueError("must be at most 1024 non-negative token ids")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int | None) -> int | None:
+        if v is not None and not -(2**63) <= v < 2**63:
+            raise ValueError("must fit in a signed 64-bit integer")
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v: float | None) -> float | None:
+        if v not in (None, 0, 0.0):
+            raise ValueError("penalties are not supported (only 0)")
+        return v
+
+
+class CompletionRequest(_Sampling):
+    prompt: SStr | list[SStr] | list[SInt] | list[list[SInt]]
+    logprobs: SInt | None = None
+    echo: SBool = False
+    suffix: SStr | None = None
+    best_of: SInt | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be empty")
+            if any(isinstance(p, list) and not p for p in v):
+                raise ValueError("token-id prompts must not be empty")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        return v
+
+    @model_validator(mode="after")
+    def _unsupported(self) -> CompletionRequest:
+        if self.echo:
+            raise ValueError("echo is not supported")
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.best_of not in (None, self.n):
+            raise ValueError("best_of is not supported (only best_of == n)")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: SStr
+    text: SStr | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: SStr
+    content: SStr | list[ContentPart] | None = None
+    name: SStr | None = None
+
+    def render(self) -> dict[str, Any]:
+        c = self.content
+        if isinstance(c, list):
+            if any(p.type != "text" for p in c):
+                raise ValueError("only text content parts are supported")
+            c = "".join(p.text or "" for p in c)
+        msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: SInt | None = None
+    logprobs: SBool = False
+    top_logprobs: SInt | None = None
+    add_generation_prompt: SBool = True
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type") != "text":
+            raise ValueError("only response_format {'type': 'text'} is supported")
+        return v
+
+
+class NativeSamplingParams(_Strict):
+    max_new_tokens: SInt | None = None
+    temperature: SFloat = 1.0
+    top_p: SFloat = 1.0
+    top_k: SInt = -1
+    stop: SStr | list[SStr] | None = None
+    stop_token_ids: list[SInt] | None = None
+    ignore_eos: SBool = False
+    seed: SInt | None = None
+    n: SInt = 1
+
+    # same rules as the OpenAI routes
+    _positive = field_validator("max_new_tokens")(_Sampling._positive.__func__)
+    _temperature = field_validator("temperature")(_Sampling._temperature.__func__)
+    _top_p = field_validator("top_p")(_Sampling._top_p.__func__)
+    _top_k = field_validator("top_k")(_Sampling._top_k.__func__)
+    _n = field_validator("n")(_Sampling._n.__func__)
+    _stop = field_validator("stop")(_Sampling._stop.__func__)
+    _stop_ids = field_validator("stop_token_ids")(_Sampling._stop_ids.__func__)
+    _seed = field_validator("seed")(_Sampling._seed.__func__)
+
+
+class GenerateRequest(_Strict):
+    text: SStr | None = None
+    input_ids: list[SInt] | None = None
+    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    stream: SBool = False
+    return_logprob: SBool = False
+    top_logprobs_num: SInt = 0
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of 'text' or 'input_ids'")
+        if self.input_ids is not None and not self.input_ids:
+            raise ValueError("input_ids must not be empty")
+        if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
+        return self
+
+
+Role = Literal["system", "user", "assistant", "tool"]

@@ -1,0 +1,23 @@
+"""Loading a checkpoint's tokenizer; a config-only directory simply has none."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Any
+
+log = logging.getLogger("minisgl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def load_tokenizer(path: str, chat_template: str | None = None) -> Any | None:
+    if not any(glob.glob(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if chat_template:
+        with open(chat_template) as f:
+            tok.chat_template = f.read()
+    return tok
