@@ -52,22 +52,32 @@ class ServerArgs:
             if not ok:
                 raise ValueError(msg)
 
-        need(self.device in ("auto", "cuda", "cpu"), f"--device must be auto, cuda or cpu, got {self.device!r}")
+        need(
+            self.device in ("auto", "cuda", "cpu"),
+            f"--device must be auto, cuda or cpu, got {self.device!r}",
+        )
         need(
             self.dtype in ("auto", "float32", "float16", "bfloat16"),
             f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
         )
         need(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
-        need(self.cache in ("radix", "naive"), f"--cache must be radix or naive, got {self.cache!r}")
+        need(
+            self.cache in ("radix", "naive"), f"--cache must be radix or naive, got {self.cache!r}"
+        )
         need(self.max_prefill_length >= 1, "--max-prefill-length must be >= 1")
         need(self.page_size >= 0, "--page-size must be >= 1")
         need(self.max_running_requests >= 1, "--max-running-requests must be >= 1")
-        need(0 < self.memory_ratio <= 1, f"--memory-ratio must be in (0, 1], got {self.memory_ratio}")
+        need(
+            0 < self.memory_ratio <= 1, f"--memory-ratio must be in (0, 1], got {self.memory_ratio}"
+        )
         need(self.num_pages >= 0, "--num-pages must be >= 1")
         need(self.cuda_graph_max_bs >= -1, "--cuda-graph-max-bs must be >= 0")
         need(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         need(self.num_tokenizer >= 1, "--num-tokenizer must be >= 1")
-        need(self.max_n >= 1 and self.max_request_bytes >= 1024, "--max-n / --max-request-bytes too small")
+        need(
+            self.max_n >= 1 and self.max_request_bytes >= 1024,
+            "--max-n / --max-request-bytes too small",
+        )
         need(
             self.log_level in ("debug", "info", "warning", "error"),
             f"--log-level must be debug, info, warning or error, got {self.log_level!r}",
@@ -132,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", help=_HELP[f.name])
         else:
             typ = type(default) if default is not None else str
-            p.add_argument(flag, type=typ, default=default, help=f"{_HELP[f.name]} (default: {default})")
+            p.add_argument(
+                flag, type=typ, default=default, help=f"{_HELP[f.name]} (default: {default})"
+            )
     return p
 
 

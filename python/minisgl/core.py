@@ -42,7 +42,9 @@ class SamplingParams:
             raise bad(f"max_tokens must be an integer >= 1, got {m!r}")
         if not all(isinstance(i, int) and i >= 0 for i in self.stop_token_ids):
             raise bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool)
+        ):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, int) or not (-1 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [-1, 20], got {self.logprobs!r}")

@@ -35,7 +35,9 @@ def init_distributed(rank: int, size: int, device: str, port: int) -> None:
     if size == 1:
         return
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
+    )
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,16 @@ log = logging.getLogger("minisgl")
 
 
 class LLM:
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", **options: object) -> None:
+    def __init__(
+        self, model_path: str, device: str = "auto", dtype: str = "auto", **options: object
+    ) -> None:
         if device == "auto" and not torch.cuda.is_available():
             print("minisgl: no GPU visible, running on CPU (float32)")
         self.args = ServerArgs(model=model_path, device=device, dtype=dtype, **options)
         if self.args.tp != 1:
-            raise ValueError("LLM runs one process; use the server (python -m minisgl --tp N) for tensor parallelism")
+            raise ValueError(
+                "LLM runs one process; use the server (python -m minisgl --tp N) for tensor parallelism"
+            )
         self.engine = Engine(self.args)
         self.tokenizer = load_tokenizer(self.engine.model_path, self.args.chat_template)
         self._outputs: dict[int, list[int]] = {}
@@ -42,7 +46,9 @@ class LLM:
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model directory has no tokenizer: pass token-id lists as prompts")
+                raise ValueError(
+                    "this model directory has no tokenizer: pass token-id lists as prompts"
+                )
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
@@ -75,7 +81,9 @@ class LLM:
             now_done = sum(u in self._done for u in uids)
             if now_done != finished:
                 toks = sum(len(self._outputs[u]) for u in uids)
-                bar.set_postfix_str(f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
+                )
                 bar.update(now_done - finished)
                 finished = now_done
         while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:

@@ -113,10 +113,32 @@ class Shutdown:
     TAG: ClassVar[int] = 10
 
 
-Message = TokenizeReq | UserReq | AbortReq | TokenOut | TextOut | ErrorOut | Ready | StatsReq | Stats | Shutdown
+Message = (
+    TokenizeReq
+    | UserReq
+    | AbortReq
+    | TokenOut
+    | TextOut
+    | ErrorOut
+    | Ready
+    | StatsReq
+    | Stats
+    | Shutdown
+)
 _BY_TAG: dict[int, type] = {
     c.TAG: c
-    for c in (TokenizeReq, UserReq, AbortReq, TokenOut, TextOut, ErrorOut, Ready, StatsReq, Stats, Shutdown)
+    for c in (
+        TokenizeReq,
+        UserReq,
+        AbortReq,
+        TokenOut,
+        TextOut,
+        ErrorOut,
+        Ready,
+        StatsReq,
+        Stats,
+        Shutdown,
+    )
 }
 
 

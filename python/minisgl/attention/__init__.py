@@ -25,16 +25,27 @@ BACKENDS = {"torch": lambda: TorchBackend, "fi": _flashinfer, "fa": _flashattn}
 
 
 def create_backend(
-    name: str, device: str, pool: KVPool, slot_table: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+    name: str,
+    device: str,
+    pool: KVPool,
+    slot_table: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
 ) -> AttentionBackend:
     if name == "auto":
         name = "torch" if device == "cpu" else "fi"
     parts = name.split(",")
     if len(parts) > 2 or any(p not in BACKENDS for p in parts):
-        raise ValueError(f"--attn {name!r}: choose auto, {', '.join(BACKENDS)} or a prefill,decode pair like fa,fi")
+        raise ValueError(
+            f"--attn {name!r}: choose auto, {', '.join(BACKENDS)} or a prefill,decode pair like fa,fi"
+        )
     if device == "cpu" and parts != ["torch"]:
         raise ValueError(f"--attn {name!r} needs a GPU; on CPU use --attn torch")
-    made = [BACKENDS[p]()(pool, slot_table, num_heads, num_kv_heads, head_dim) for p in dict.fromkeys(parts)]
+    made = [
+        BACKENDS[p]()(pool, slot_table, num_heads, num_kv_heads, head_dim)
+        for p in dict.fromkeys(parts)
+    ]
     if len(made) == 1:
         return made[0]
     from .hybrid import HybridBackend

@@ -31,7 +31,14 @@ class AttnMeta:
 
 
 class AttentionBackend(ABC):
-    def __init__(self, pool: KVPool, slot_table: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        pool: KVPool,
+        slot_table: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ) -> None:
         self.pool, self.slot_table = pool, slot_table
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
@@ -47,7 +54,9 @@ class AttentionBackend(ABC):
         store_kv(self.pool.k[layer], self.pool.v[layer], self.meta.out_loc, k, v)
 
     @abstractmethod
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KV, D] for the new tokens; returns [T, H, D]."""
 
     # CUDA-graph support (decode only); backends that cannot be captured keep the defaults

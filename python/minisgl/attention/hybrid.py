@@ -17,7 +17,9 @@ class HybridBackend(AttentionBackend):
         self.active = self.prefill_backend if meta.is_prefill else self.decode_backend
         self.active.prepare(meta)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
         return self.active.forward(q, k, v, layer)
 
     def init_graph(self, max_bs: int) -> None:

@@ -11,7 +11,9 @@ from .base import AttentionBackend
 
 
 class TorchBackend(AttentionBackend):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
         self.store_kv(layer, k, v)
         m = self.meta
         kbuf, vbuf = self.pool.k[layer], self.pool.v[layer]
@@ -26,7 +28,9 @@ class TorchBackend(AttentionBackend):
             ki, vi = kbuf[slots].transpose(0, 1), vbuf[slots].transpose(0, 1)
             # query j (absolute position prefix + j) sees keys 0..prefix + j
             mask = torch.ones(ext, total, dtype=torch.bool, device=q.device).tril(prefix)
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
             out[start : start + ext] = o.transpose(0, 1)
             start += ext
         return out
@@ -39,6 +43,11 @@ class TorchBackend(AttentionBackend):
         slots = torch.where(valid, slots, 0)
         k, v = kbuf[slots].transpose(1, 2), vbuf[slots].transpose(1, 2)  # [B, KV, L, D]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), k, v, attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True
+            q.unsqueeze(2),
+            k,
+            v,
+            attn_mask=valid[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
         )
         return o.squeeze(2)

@@ -63,7 +63,13 @@ class Engine:
         kv_heads = max(1, self.cfg.num_kv_heads // self.tp.size)
         self.num_pages = self._num_pages(kv_heads)
         self.pool = KVPool(
-            self.cfg.num_layers, self.num_pages, self.page_size, kv_heads, self.cfg.head_dim, self.dtype, self.device
+            self.cfg.num_layers,
+            self.num_pages,
+            self.page_size,
+            kv_heads,
+            self.cfg.head_dim,
+            self.dtype,
+            self.device,
         )
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens, %.2f GiB (%s, %s)",
@@ -71,7 +77,9 @@ class Engine:
             2 * self.pool.k.numel() * self.pool.k.element_size() / 2**30, self.device, self.dtype,
         )  # fmt: skip
         # row `max_reqs` is a scratch row that padded CUDA-graph entries point at
-        self.slot_table = torch.zeros(self.max_reqs + 1, self.max_seq_len, dtype=torch.int32, device=self.device)
+        self.slot_table = torch.zeros(
+            self.max_reqs + 1, self.max_seq_len, dtype=torch.int32, device=self.device
+        )
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
         self.attn = create_backend(
             args.attn, self.device, self.pool, self.slot_table,
@@ -92,7 +100,9 @@ class Engine:
         return _DTYPES.get(self.cfg.torch_dtype, torch.bfloat16)
 
     def _num_pages(self, kv_heads: int) -> int:
-        per_token = KVPool.bytes_per_token(self.cfg.num_layers, kv_heads, self.cfg.head_dim, self.dtype)
+        per_token = KVPool.bytes_per_token(
+            self.cfg.num_layers, kv_heads, self.cfg.head_dim, self.dtype
+        )
         if self.args.num_pages:
             return self.args.num_pages
         if self.device == "cpu":
@@ -102,7 +112,9 @@ class Engine:
             # keep (1 - memory_ratio) of the card free, plus room for activations and graphs
             budget = free - total * (1 - self.args.memory_ratio) - (3 << 30)
             if budget <= 0:
-                raise RuntimeError("not enough GPU memory left for the KV cache; raise --memory-ratio")
+                raise RuntimeError(
+                    "not enough GPU memory left for the KV cache; raise --memory-ratio"
+                )
             tokens = int(budget // per_token)
         return max(2, tokens // self.page_size)
 
@@ -112,11 +124,15 @@ class Engine:
 
     def write_slots(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Point positions [start, start + len) of a request's row at existing KV slots."""
-        self.slot_table[row, start : start + len(slots)].copy_(slots.to(torch.int32), non_blocking=True)
+        self.slot_table[row, start : start + len(slots)].copy_(
+            slots.to(torch.int32), non_blocking=True
+        )
 
     def _meta(self, batch: Batch) -> tuple[AttnMeta, torch.Tensor, torch.Tensor]:
         rows = [r.table_idx for r in batch.reqs]
-        positions = torch.cat([torch.arange(p, p + e) for p, e in zip(batch.prefix_lens, batch.extend_lens)])
+        positions = torch.cat(
+            [torch.arange(p, p + e) for p, e in zip(batch.prefix_lens, batch.extend_lens)]
+        )
         row_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(batch.extend_lens))
         dev = self.device
 
@@ -146,7 +162,9 @@ class Engine:
         meta, positions, row_of_token = self._meta(batch)
         if batch.is_prefill:
             input_ids = torch.tensor(batch.input_ids, dtype=torch.int64)
-            input_ids = (input_ids.pin_memory() if self.device == "cuda" else input_ids).to(self.device, non_blocking=True)
+            input_ids = (input_ids.pin_memory() if self.device == "cuda" else input_ids).to(
+                self.device, non_blocking=True
+            )
         else:
             input_ids = self.next_tokens[meta.rows]
         if self.graphs is not None and self.graphs.can_run(batch):
@@ -157,7 +175,9 @@ class Engine:
             if all_logits:
                 return StepOutput(batch, self.model.logits(h), None, None)
             last = torch.tensor(batch.extend_lens).cumsum(0) - 1
-            logits = self.model.logits(h[last.to(self.device, non_blocking=True)] if batch.is_prefill else h)
+            logits = self.model.logits(
+                h[last.to(self.device, non_blocking=True)] if batch.is_prefill else h
+            )
         return self._sample(batch, meta, logits)
 
     def _sample(self, batch: Batch, meta: AttnMeta, logits: torch.Tensor) -> StepOutput:
@@ -169,7 +189,11 @@ class Engine:
             logits = logits[torch.tensor(rows, device=self.device)]
         info = SamplingInfo.build(reqs, batch.sample_positions, self.device)
         tokens = self.sampler(logits, info)
-        table_rows = meta.rows if len(rows) == batch.size else meta.rows[torch.tensor(rows, device=self.device)]
+        table_rows = (
+            meta.rows
+            if len(rows) == batch.size
+            else meta.rows[torch.tensor(rows, device=self.device)]
+        )
         self.next_tokens[table_rows] = tokens
         logprobs = gather_logprobs(logits, tokens, info.logprob_rows) if info.logprob_rows else None
         if self.device == "cpu":

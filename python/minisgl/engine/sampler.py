@@ -67,12 +67,18 @@ class SamplingInfo:
         ps = [r.params for r in reqs]
         temps = [0.0 if p.top_k == 1 else p.temperature for p in ps]
         seeded = [
-            (i, _mix(p.seed, pos)) for i, (p, pos) in enumerate(zip(ps, positions)) if p.seed is not None and temps[i] > 0
+            (i, _mix(p.seed, pos))
+            for i, (p, pos) in enumerate(zip(ps, positions))
+            if p.seed is not None and temps[i] > 0
         ]
         return cls(
             temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_ks=torch.tensor([p.top_k for p in ps], dtype=torch.int64).to(device, non_blocking=True),
-            top_ps=torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(device, non_blocking=True),
+            top_ks=torch.tensor([p.top_k for p in ps], dtype=torch.int64).to(
+                device, non_blocking=True
+            ),
+            top_ps=torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(
+                device, non_blocking=True
+            ),
             seeded=seeded,
             needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
             all_greedy=all(t == 0 for t in temps),
@@ -93,11 +99,19 @@ class Sampler:
         if info.all_greedy:
             return logits.argmax(dim=-1)
         return sample(
-            logits, info.temperatures, info.top_ks, info.top_ps, self.generator, info.seeded, info.needs_filter
+            logits,
+            info.temperatures,
+            info.top_ks,
+            info.top_ps,
+            self.generator,
+            info.seeded,
+            info.needs_filter,
         )
 
 
-def gather_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[int, int]]) -> tuple:
+def gather_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[int, int]]
+) -> tuple:
     """(chosen logprob [R], top values [R, n], top ids [R, n]) for the requested rows."""
     idx = torch.tensor([r for r, _ in rows], device=logits.device)
     n = max(k for _, k in rows)

@@ -20,7 +20,9 @@ def _param(shape: tuple[int, ...], loader: Callable[..., None]) -> nn.Parameter:
 
 def default_loader(param: torch.Tensor, loaded: torch.Tensor) -> None:
     if param.shape != loaded.shape:
-        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+        raise ValueError(
+            f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}"
+        )
     param.data.copy_(loaded)
 
 
@@ -57,9 +59,13 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; KV heads are replicated when there are fewer than ranks."""
 
-    def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool) -> None:
+    def __init__(
+        self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool
+    ) -> None:
         self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
-        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias)
+        super().__init__(
+            hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], bias
+        )
 
     def shard_size(self, shard: int, full: int) -> int:
         if shard == 0 or self.num_kv_heads >= self.tp.size:

@@ -49,7 +49,9 @@ class ModelConfig:
         # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
         rope = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = cfg.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         if scaling is not None:
             scaling = dict(scaling)
             scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
@@ -76,7 +78,9 @@ class ModelConfig:
             o_bias=bias and not is_qwen2,
             qk_norm=arch == "Qwen3ForCausalLM",
             torch_dtype=str(dtype).replace("torch.", ""),
-            eos_token_ids=list(eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))),
+            eos_token_ids=list(
+                eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))
+            ),
         )
 
 

@@ -23,10 +23,14 @@ class Attention(nn.Module):
         if cfg.num_heads % tp:
             raise ValueError(f"--tp {tp} must divide the {cfg.num_heads} attention heads")
         if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
-            raise ValueError(f"--tp {tp} and the {cfg.num_kv_heads} KV heads must divide one another")
+            raise ValueError(
+                f"--tp {tp} and the {cfg.num_kv_heads} KV heads must divide one another"
+            )
         self.layer, self.rope, self.head_dim = layer, rope, cfg.head_dim
         self.num_heads, self.num_kv_heads = cfg.num_heads // tp, max(1, cfg.num_kv_heads // tp)
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias
+        )
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -34,8 +38,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         d = self.head_dim
-        q, k, v = self.qkv_proj(x).split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q, k, v = q.view(-1, self.num_heads, d), k.view(-1, self.num_kv_heads, d), v.view(-1, self.num_kv_heads, d)
+        q, k, v = self.qkv_proj(x).split(
+            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1
+        )
+        q, k, v = (
+            q.view(-1, self.num_heads, d),
+            k.view(-1, self.num_kv_heads, d),
+            v.view(-1, self.num_kv_heads, d),
+        )
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(pos, q, k)
@@ -63,7 +73,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, pos: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        pos: torch.Tensor,
+        attn: AttentionBackend,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)

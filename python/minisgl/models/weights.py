@@ -25,13 +25,19 @@ def resolve_model_path(model: str) -> str:
     if os.path.isdir(model):
         return model
     if os.path.exists(model):
-        raise ValueError(f"--model {model!r} is a file; give a directory or a Hugging Face model id")
+        raise ValueError(
+            f"--model {model!r} is a file; give a directory or a Hugging Face model id"
+        )
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+        return snapshot_download(
+            model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
     except Exception as e:  # network errors, unknown repos, gated models
-        raise ValueError(f"cannot find model {model!r} locally or on the Hugging Face hub: {e}") from e
+        raise ValueError(
+            f"cannot find model {model!r} locally or on the Hugging Face hub: {e}"
+        ) from e
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -42,7 +48,9 @@ def safetensors_files(path: str) -> list[str]:
         return [os.path.join(path, n) for n in names]
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
-        raise ValueError(f"no *.safetensors weights in {path} (only safetensors is supported; or pass --dummy-weight)")
+        raise ValueError(
+            f"no *.safetensors weights in {path} (only safetensors is supported; or pass --dummy-weight)"
+        )
     return files
 
 
@@ -72,9 +80,15 @@ def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> Non
                     else:
                         param.weight_loader(param, tensor.to(param.dtype), shard)
                 seen.add(target)
-    missing = [n for n in params if n not in seen and not (n == "lm_head.weight" and model.cfg.tie_word_embeddings)]
+    missing = [
+        n
+        for n in params
+        if n not in seen and not (n == "lm_head.weight" and model.cfg.tie_word_embeddings)
+    ]
     if missing:
-        raise ValueError(f"checkpoint {path} lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"checkpoint {path} lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

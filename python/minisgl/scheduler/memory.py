@@ -92,7 +92,9 @@ class ReqMemory:
 
     # -- accounting -------------------------------------------------------------------------
     def owned_pages(self, req: Req) -> int:
-        return _cdiv(req.cached_len, self.ps) - req.cache_hit // self.ps if req.table_idx >= 0 else 0
+        return (
+            _cdiv(req.cached_len, self.ps) - req.cache_hit // self.ps if req.table_idx >= 0 else 0
+        )
 
     def check(self, reqs: list[Req]) -> None:
         """Every page is free, cached or owned by exactly one live request."""

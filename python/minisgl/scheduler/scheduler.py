@@ -22,7 +22,9 @@ log = logging.getLogger("minisgl.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut], None]) -> None:
+    def __init__(
+        self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut], None]
+    ) -> None:
         self.engine, self.args, self.on_output = engine, args, on_output
         self.mem = ReqMemory(engine, args.cache)
         self.max_running = engine.max_reqs
@@ -91,7 +93,9 @@ class Scheduler:
             self.mem.check(list(self.reqs.values()))
 
     def _schedule(self) -> Batch | None:
-        decodable = [r for r in self.running if r is not self.chunked and r.device_len < r.max_device_len]
+        decodable = [
+            r for r in self.running if r is not self.chunked and r.device_len < r.max_device_len
+        ]
         if (self.chunked or self.waiting) and not (self.last_was_prefill and decodable):
             batch = self._schedule_prefill()
             if batch is not None:
@@ -184,7 +188,10 @@ class Scheduler:
             logprob = None
             if req.params.logprobs >= 0:
                 n = req.params.logprobs
-                logprob = [lp[0][lp_row], [[i, v] for i, v in zip(lp[2][lp_row][:n], lp[1][lp_row][:n])]]
+                logprob = [
+                    lp[0][lp_row],
+                    [[i, v] for i, v in zip(lp[2][lp_row][:n], lp[1][lp_row][:n])],
+                ]
                 lp_row += 1
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight
@@ -192,11 +199,21 @@ class Scheduler:
             reason = None
             if (tok in self.eos and not req.params.ignore_eos) or tok in req.params.stop_token_ids:
                 reason = FinishReason.STOP
-            elif req.num_outputs >= req.params.max_tokens or len(req.token_ids) >= self.engine.max_seq_len:
+            elif (
+                req.num_outputs >= req.params.max_tokens
+                or len(req.token_ids) >= self.engine.max_seq_len
+            ):
                 reason = FinishReason.LENGTH
             for field, value in zip(
                 (msg.uids, msg.tokens, msg.finished, msg.logprobs, msg.cached, msg.prompt_lens),
-                (req.uid, tok, reason.value if reason else None, logprob, req.cache_hit, req.prompt_len),
+                (
+                    req.uid,
+                    tok,
+                    reason.value if reason else None,
+                    logprob,
+                    req.cache_hit,
+                    req.prompt_len,
+                ),
             ):
                 field.append(value)
             if reason is not None:

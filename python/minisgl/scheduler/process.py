@@ -1,0 +1,122 @@
+"""The scheduler worker: one process per TP rank. Rank 0 talks ZMQ (requests in, tokens out)
+and broadcasts every incoming message to the other ranks, so all ranks schedule the same."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from ..args import ServerArgs
+from ..core import SamplingParams
+from ..engine.engine import Engine
+from ..messages import AbortReq, ErrorOut, Message, Ready, Shutdown, Stats, UserReq, decode, encode
+from ..utils import die_with_parent, exit_on_sigterm, setup_logging
+from .scheduler import Scheduler
+
+log = logging.getLogger("minisgl.scheduler")
+_EARLY_ABORT_TTL = 60.0
+
+
+class _Broadcaster:
+    """Rank 0's messages to every rank, as msgpack bytes over a CPU (gloo) group."""
+
+    def __init__(self) -> None:
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
+
+    def __call__(self, msgs: list[bytes]) -> list[bytes]:
+        size = torch.tensor(
+            [len(msgs)] + [len(m) for m in msgs] if dist.get_rank() == 0 else [0], dtype=torch.int64
+        )
+        n = torch.tensor([len(size)], dtype=torch.int64)
+        dist.broadcast(n, 0, group=self.group)
+        if dist.get_rank() != 0:
+            size = torch.zeros(int(n), dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.group)
+        lens = size[1:].tolist()
+        if not lens:
+            return []
+        buf = (
+            torch.frombuffer(bytearray(b"".join(msgs)), dtype=torch.uint8)
+            if msgs
+            else torch.zeros(sum(lens), dtype=torch.uint8)
+        )
+        dist.broadcast(buf, 0, group=self.group)
+        data = buf.numpy().tobytes()
+        out, pos = [], 0
+        for n_ in lens:
+            out.append(data[pos : pos + n_])
+            pos += n_
+        return out
+
+
+def run_scheduler(args: ServerArgs, rank: int) -> None:
+    die_with_parent()
+    exit_on_sigterm()
+    setup_logging(args.log_level, f"scheduler{rank}")
+    engine = Engine(args, rank)
+    ctx = zmq.Context()
+    primary = rank == 0
+    if primary:
+        recv = ctx.socket(zmq.PULL)
+        recv.bind(f"ipc://{args.zmq_dir}/scheduler")
+        send = ctx.socket(zmq.PUSH)
+        send.connect(f"ipc://{args.zmq_dir}/detokenizer")
+
+    def emit(msg: Message) -> None:
+        if primary:
+            send.send(encode(msg), copy=False)
+
+    sched = Scheduler(engine, args, emit)
+    bcast = _Broadcaster() if args.tp > 1 else None
+    launcher = ctx.socket(zmq.PUSH)
+    launcher.connect(f"ipc://{args.zmq_dir}/launcher")
+    info = dict(
+        max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size, eos_token_ids=engine.cfg.eos_token_ids,
+        kv_tokens=engine.max_tokens_in_pool,
+    )  # fmt: skip
+    launcher.send(encode(Ready(f"scheduler{rank}", info)))
+    log.info("scheduler rank %d ready", rank)
+    early_aborts: dict[int, float] = {}
+    next_stats = 0.0
+    while True:
+        raw: list[bytes] = []
+        if primary:
+            # block briefly when idle; never block while there is work on the device
+            if sched.busy or recv.poll(timeout=100):
+                while True:
+                    try:
+                        raw.append(recv.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+        if bcast is not None:
+            raw = bcast(raw)
+        for data in raw:
+            msg = decode(data)
+            if isinstance(msg, Shutdown):
+                log.info("scheduler rank %d shutting down", rank)
+                return
+            if isinstance(msg, AbortReq):
+                if not sched.abort(msg.uid):
+                    early_aborts[msg.uid] = time.monotonic()
+            elif isinstance(msg, UserReq):
+                if early_aborts.pop(msg.uid, None) is not None:
+                    continue
+                try:
+                    err = sched.add(msg.uid, msg.input_ids, SamplingParams(**msg.params))
+                except (TypeError, ValueError) as e:
+                    err = str(e)
+                if err is not None:
+                    emit(ErrorOut(msg.uid, err, 400))
+        if sched.busy:
+            sched.step()
+        now = time.monotonic()
+        if now >= next_stats:
+            next_stats = now + 0.5
+            emit(Stats(sched.stats()))
+            for uid in [u for u, t in early_aborts.items() if now - t > _EARLY_ABORT_TTL]:
+                del early_aborts[uid]
