@@ -62,9 +62,11 @@ class Engine:
 
         kv_heads = max(1, self.cfg.num_kv_heads // self.tp.size)
         self.num_pages = self._num_pages(kv_heads)
+        # one extra page past the allocator's range: scratch space for padded graph entries
+        self.scratch_page = self.num_pages
         self.pool = KVPool(
             self.cfg.num_layers,
-            self.num_pages,
+            self.num_pages + 1,
             self.page_size,
             kv_heads,
             self.cfg.head_dim,
@@ -168,17 +170,16 @@ class Engine:
         else:
             input_ids = self.next_tokens[meta.rows]
         if self.graphs is not None and self.graphs.can_run(batch):
-            logits = self.graphs.run(batch, meta, input_ids, positions)
+            h = self.graphs.run(batch, meta, input_ids, positions)
         else:
             self.attn.prepare(meta)
             h = self.model(input_ids, positions, self.attn)
-            if all_logits:
-                return StepOutput(batch, self.model.logits(h), None, None)
+        if all_logits:
+            return StepOutput(batch, self.model.logits(h), None, None)
+        if batch.is_prefill:
             last = torch.tensor(batch.extend_lens).cumsum(0) - 1
-            logits = self.model.logits(
-                h[last.to(self.device, non_blocking=True)] if batch.is_prefill else h
-            )
-        return self._sample(batch, meta, logits)
+            h = h[last.to(self.device, non_blocking=True)]
+        return self._sample(batch, meta, self.model.logits(h))
 
     def _sample(self, batch: Batch, meta: AttnMeta, logits: torch.Tensor) -> StepOutput:
         rows = [i for i, s in enumerate(batch.sample_mask) if s]

@@ -49,7 +49,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(pos, q, k)
-        o = attn.forward(q, k.contiguous(), v.contiguous(), self.layer)
+        o = attn.forward(q, k, v, self.layer)
         return self.o_proj(o.reshape(-1, self.num_heads * d))
 
 

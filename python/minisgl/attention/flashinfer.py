@@ -1,0 +1,115 @@
+"""FlashInfer paged attention: prefill (with a cached prefix; FA3 on Hopper) and decode,
+planned once per batch on host metadata, with fixed-size decode wrappers for CUDA graphs."""
+
+from __future__ import annotations
+
+import torch
+
+from ..kvcache.pool import KVPool
+from .base import AttentionBackend, AttnMeta
+
+
+def _import_flashinfer():  # noqa: ANN202
+    try:
+        import flashinfer
+    except ImportError as e:
+        raise ImportError(
+            "--attn fi needs FlashInfer: pip install 'minisgl[cuda]' (flashinfer-python)"
+        ) from e
+    return flashinfer
+
+
+class FlashInferBackend(AttentionBackend):
+    supports_graph = True
+
+    def __init__(
+        self,
+        pool: KVPool,
+        slot_table: torch.Tensor,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+    ) -> None:
+        super().__init__(pool, slot_table, num_heads, num_kv_heads, head_dim)
+        fi = _import_flashinfer()
+        self.fi = fi
+        self.ps = pool.page_size
+        dev = pool.k.device
+        self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
+        self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
+        self.decode = fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=True
+        )
+        self.graph_wrappers: dict[int, object] = {}
+        self.active = self.decode
+
+    # -- metadata ---------------------------------------------------------------------------
+    def _page_indices(self, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(indptr on host, page ids on device, last page lengths on host)."""
+        seq = torch.tensor(meta.seq_lens_host, dtype=torch.int32)
+        pages = (seq + self.ps - 1) // self.ps
+        indptr = torch.zeros(len(seq) + 1, dtype=torch.int32)
+        torch.cumsum(pages, 0, out=indptr[1:])
+        last = seq - (pages - 1) * self.ps
+        req = torch.repeat_interleave(torch.arange(len(seq)), pages)
+        first_slot = (torch.arange(int(indptr[-1])) - indptr[:-1].long()[req]) * self.ps
+        dev = self.pool.k.device
+        rows = meta.rows[req.pin_memory().to(dev, non_blocking=True)]
+        cols = first_slot.pin_memory().to(dev, non_blocking=True)
+        indices = self.slot_table[rows, cols] // self.ps
+        return indptr, indices, last
+
+    def prepare(self, meta: AttnMeta) -> None:
+        self.meta = meta
+        indptr, indices, last = self._page_indices(meta)
+        dtype = self.pool.k.dtype
+        if meta.is_prefill:
+            qo = torch.zeros(len(meta.extend_lens_host) + 1, dtype=torch.int32)
+            torch.cumsum(torch.tensor(meta.extend_lens_host, dtype=torch.int32), 0, out=qo[1:])
+            self.prefill.plan(
+                qo, indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.ps,
+                causal=True, sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
+            )  # fmt: skip
+            self.active = self.prefill
+        else:
+            self._plan_decode(self.decode, indptr, indices, last)
+            self.active = self.decode
+
+    def _plan_decode(
+        self, wrapper: object, indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        dtype = self.pool.k.dtype
+        wrapper.plan(
+            indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.ps,
+            sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
+        )  # fmt: skip
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+    ) -> torch.Tensor:
+        self.store_kv(layer, k, v)
+        return self.active.run(q, self.pool.paged(layer))
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+    def init_graph(self, max_bs: int) -> None:
+        self.max_graph_pages = self.pool.num_pages + max_bs
+
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta) -> None:
+        dev = self.pool.k.device
+        wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+            paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
+        )  # fmt: skip
+        self.graph_wrappers[bs] = wrapper
+        self.meta = meta
+        indptr, indices, last = self._page_indices(meta)
+        self._plan_decode(wrapper, indptr, indices, last)
+        self.active = wrapper
+
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta) -> None:
+        wrapper = self.graph_wrappers[bs]
+        indptr, indices, last = self._page_indices(meta)
+        self._plan_decode(wrapper, indptr, indices, last)
+        self.active = wrapper

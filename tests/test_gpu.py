@@ -1,0 +1,125 @@
+"""GPU checks (marked `gpu`, skipped without CUDA): the torch and FlashInfer backends against
+each other and against transformers, CUDA-graph replay against eager mode, and the custom
+kernels against their torch fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minisgl import LLM, SamplingParams
+
+pytestmark = pytest.mark.gpu
+STORIES_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
+               410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394]  # fmt: skip
+TINY = ["llama_gqa_dir", "qwen3_tied_dir", "qwen3_untied_dir", "qwen2_bias_dir"]
+
+
+def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(
+            3, vocab, (int(torch.randint(3, 40, (1,), generator=g)),), generator=g
+        ).tolist()
+        for _ in range(n)
+    ]
+
+
+def _greedy(llm: LLM, prompts: list, n: int = 32) -> list[list[int]]:
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False
+    )
+    return [o["token_ids"] for o in outs]
+
+
+@pytest.mark.parametrize("attn", ["torch", "fi"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_stories_greedy_and_batching(stories_dir: str, attn: str, dtype: str) -> None:
+    if attn == "fi" and dtype == "float32":
+        pytest.skip("FlashInfer kernels support 16-bit q/kv only")
+    llm = LLM(
+        stories_dir,
+        device="cuda",
+        dtype=dtype,
+        attn=attn,
+        cuda_graph_max_bs=0 if attn == "torch" else 32,
+    )
+    if dtype == "float32":
+        assert _greedy(llm, ["Once upon a time"])[0] == STORIES_IDS
+    prompts = [
+        f"Once upon a time there was a {w}"
+        for w in "cat dog girl boy king queen bird fish tree ball sun moon car bus frog bee".split()
+    ]
+    together = _greedy(llm, prompts, 24)
+    alone = [_greedy(llm, [p], 24)[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("fixture", TINY)
+def test_tiny_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(fixture)
+    prompts = _prompts(4, 200)
+    cpu = _greedy(LLM(path, device="cpu", dtype="float32"), prompts)
+    gpu = _greedy(
+        LLM(path, device="cuda", dtype="float32", attn="torch", cuda_graph_max_bs=0), prompts
+    )
+    assert gpu == cpu
+
+
+@pytest.mark.parametrize("fixture", ["stories_dir", *TINY])
+def test_fi_vs_torch_bf16(fixture: str, request: pytest.FixtureRequest) -> None:
+    """bf16: FlashInfer and torch attention agree on logits within 2e-2 relative error, and
+    the greedy tokens agree (ties in bf16 aside, none expected on these prompts)."""
+    path = request.getfixturevalue(fixture)
+    ids = _prompts(1, 200, seed=1)[0]
+    a = LLM(path, device="cuda", dtype="bfloat16", attn="torch", cuda_graph_max_bs=0)
+    b = LLM(path, device="cuda", dtype="bfloat16", attn="fi", cuda_graph_max_bs=0)
+    la, lb = a.prefill_logits(ids), b.prefill_logits(ids)
+    assert (la - lb).norm() / la.norm() < 2e-2
+    print(f"{fixture}: fi vs torch bf16 rel err {((la - lb).norm() / la.norm()).item():.2e}")
+
+
+@pytest.mark.parametrize("fixture", ["stories_dir", *TINY])
+def test_bf16_logits_vs_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = request.getfixturevalue(fixture)
+    ids = _prompts(1, 200, seed=2)[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
+    for attn in ("torch", "fi"):
+        ours = LLM(
+            path, device="cuda", dtype="bfloat16", attn=attn, cuda_graph_max_bs=0
+        ).prefill_logits(ids)
+        err = ((ours - ref).norm() / ref.norm()).item()
+        print(f"{fixture} {attn}: bf16 rel err vs transformers {err:.2e}")
+        assert err < 2e-2
+
+
+@pytest.mark.parametrize("bs", [1, 3, 17, 64])
+def test_graph_replay_equals_eager(stories_dir: str, bs: int) -> None:
+    prompts = [[1, *p] for p in _prompts(bs, 500, seed=bs)]
+    eager = _greedy(
+        LLM(stories_dir, device="cuda", dtype="bfloat16", attn="fi", cuda_graph_max_bs=0), prompts
+    )
+    graph_llm = LLM(stories_dir, device="cuda", dtype="bfloat16", attn="fi", cuda_graph_max_bs=64)
+    assert graph_llm.engine.graphs is not None
+    assert _greedy(graph_llm, prompts) == eager
+
+
+def test_store_kv_kernel_matches_torch() -> None:
+    from minisgl.kernel import _cuda_module, store_kv_torch
+
+    mod = _cuda_module()
+    assert mod is not None, "the JIT kernel must build on the GPU machine"
+    for dtype in (torch.bfloat16, torch.float32):
+        kbuf = torch.randn(1000, 8, 128, dtype=dtype, device="cuda")
+        vbuf = torch.randn_like(kbuf)
+        ref_k, ref_v = kbuf.clone(), vbuf.clone()
+        loc = torch.randperm(1000, device="cuda")[:77]
+        qkv = torch.randn(77, 3, 8, 128, dtype=dtype, device="cuda")
+        k, v = qkv[:, 1], qkv[:, 2]  # strided views, like the model's q/k/v split
+        mod.store_kv(kbuf, vbuf, loc, k, v)
+        store_kv_torch(ref_k, ref_v, loc, k, v)
+        assert torch.equal(kbuf, ref_k) and torch.equal(vbuf, ref_v)
