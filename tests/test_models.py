@@ -65,6 +65,9 @@ def hf_greedy(model, ids: list[int], n: int = MAX_NEW) -> list[int]:
     """n greedy tokens from transformers with EOS disabled (no early stop, no EOS suppression)."""
     from transformers import GenerationConfig
 
+    # transformers fills unset (None) fields of a passed config from model.generation_config,
+    # so EOS must be removed there too
+    model.generation_config.eos_token_id = None
     gc = GenerationConfig(
         do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0, bos_token_id=None
     )
