@@ -7,12 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minisgl import LLM, SamplingParams
+from minisgl import LLM as _LLM
+from minisgl import SamplingParams
 
 pytestmark = pytest.mark.gpu
 STORIES_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
                410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394]  # fmt: skip
 TINY = ["llama_gqa_dir", "qwen3_tied_dir", "qwen3_untied_dir", "qwen2_bias_dir"]
+
+
+def LLM(path: str, **kw: object) -> _LLM:  # noqa: N802
+    """Small KV pools: several engines share the GPU within one test process."""
+    kw.setdefault("num_pages", 4096)
+    return _LLM(path, **kw)
 
 
 def _prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:

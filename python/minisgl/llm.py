@@ -76,9 +76,11 @@ class LLM:
             uids.append(uid)
         bar = tqdm(total=len(uids), desc="Generating", disable=not use_tqdm, unit="req")
         start, finished = time.perf_counter(), 0
-        while any(u not in self._done for u in uids):
+        pending = set(uids)
+        while pending:
             self.scheduler.step()
-            now_done = sum(u in self._done for u in uids)
+            pending -= self._done
+            now_done = len(uids) - len(pending)
             if now_done != finished:
                 toks = sum(len(self._outputs[u]) for u in uids)
                 bar.set_postfix_str(
@@ -119,5 +121,11 @@ class LLM:
             mem.release(req)
 
     def shutdown(self) -> None:
+        """Drop the engine and give its device memory back."""
+        import gc
+
         self.scheduler = None  # type: ignore[assignment]
         self.engine = None  # type: ignore[assignment]
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

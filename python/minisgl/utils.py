@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 
+import torch
+
 
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent dies, so no worker is orphaned."""
@@ -26,3 +28,11 @@ def setup_logging(level: str, name: str) -> None:
 
 def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
+def h2d(t: torch.Tensor, device: str) -> torch.Tensor:
+    """Host -> device copy that never synchronises the stream: a copy from pageable memory
+    waits for all queued work (which would defeat overlap scheduling), one from pinned does not."""
+    if device == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)

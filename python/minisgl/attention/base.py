@@ -16,9 +16,9 @@ class AttnMeta:
 
     is_prefill: bool
     rows: torch.Tensor  # [B] int64 row of each request in the slot table
-    prefix_lens: torch.Tensor  # [B] int32 tokens already cached
-    extend_lens: torch.Tensor  # [B] int32 tokens computed now
-    seq_lens: torch.Tensor  # [B] int32 prefix + extend
+    prefix_lens: torch.Tensor  # [B] int64 tokens already cached
+    extend_lens: torch.Tensor  # [B] int64 tokens computed now
+    seq_lens: torch.Tensor  # [B] int64 prefix + extend
     out_loc: torch.Tensor  # [T] int64 slots receiving the new K/V
     # the same lengths on the host, for backends that loop or plan on the CPU
     prefix_lens_host: list[int]

@@ -57,7 +57,11 @@ class FlashInferBackend(AttentionBackend):
         rows = meta.rows[req.pin_memory().to(dev, non_blocking=True)]
         cols = first_slot.pin_memory().to(dev, non_blocking=True)
         indices = self.slot_table[rows, cols] // self.ps
-        return indptr, indices, last
+        return (
+            indptr.pin_memory(),
+            indices,
+            last.pin_memory(),
+        )  # pinned: plan() copies without a sync
 
     def prepare(self, meta: AttnMeta) -> None:
         self.meta = meta

@@ -16,6 +16,7 @@ from ..distributed import get_tp_info, init_distributed
 from ..kvcache.pool import KVPool
 from ..models import ModelConfig, check_architecture, create_model
 from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
+from ..utils import h2d
 from .sampler import Sampler, SamplingInfo, gather_logprobs
 
 log = logging.getLogger("minisgl.engine")
@@ -88,6 +89,8 @@ class Engine:
             self.cfg.num_heads // self.tp.size, kv_heads, self.cfg.head_dim,
         )  # fmt: skip
         self.sampler = Sampler(self.device, args.seed + 1)
+        self._sinfo: SamplingInfo | None = None
+        self._sinfo_key: tuple = ()
         self.graphs = None
         if self.device == "cuda":
             from .graph import maybe_create_graph_runner
@@ -126,47 +129,43 @@ class Engine:
 
     def write_slots(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Point positions [start, start + len) of a request's row at existing KV slots."""
-        self.slot_table[row, start : start + len(slots)].copy_(
-            slots.to(torch.int32), non_blocking=True
+        dst = self.slot_table[row, start : start + len(slots)]
+        dst.copy_(h2d(slots.to(torch.int32), self.device), non_blocking=True)
+
+    def _meta(self, batch: Batch) -> tuple[AttnMeta, torch.Tensor]:
+        """All per-step host metadata goes to the device in one pinned copy."""
+        rows = torch.tensor([r.table_idx for r in batch.reqs], dtype=torch.int64)
+        prefix = torch.tensor(batch.prefix_lens, dtype=torch.int64)
+        ext = torch.tensor(batch.extend_lens, dtype=torch.int64)
+        if batch.is_prefill:
+            positions = torch.cat(
+                [torch.arange(p, p + e) for p, e in zip(batch.prefix_lens, batch.extend_lens)]
+            )
+            row_of_token = torch.repeat_interleave(rows, ext)
+        else:
+            positions, row_of_token = prefix, rows
+        out_loc = torch.as_tensor(batch.out_loc, dtype=torch.int64)
+        b, t = len(rows), len(positions)
+        packed = h2d(
+            torch.cat([rows, prefix, ext, prefix + ext, out_loc, positions, row_of_token]),
+            self.device,
         )
-
-    def _meta(self, batch: Batch) -> tuple[AttnMeta, torch.Tensor, torch.Tensor]:
-        rows = [r.table_idx for r in batch.reqs]
-        positions = torch.cat(
-            [torch.arange(p, p + e) for p, e in zip(batch.prefix_lens, batch.extend_lens)]
+        d_rows, d_prefix, d_ext, d_seq, d_loc, d_pos, d_row_of_token = packed.split(
+            [b, b, b, b, t, t, t]
         )
-        row_of_token = torch.repeat_interleave(torch.tensor(rows), torch.tensor(batch.extend_lens))
-        dev = self.device
-
-        def put(x: list[int] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-            t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=dtype)
-            return (t.pin_memory() if dev == "cuda" else t).to(dev, dtype=dtype, non_blocking=True)
-
-        seq = [p + e for p, e in zip(batch.prefix_lens, batch.extend_lens)]
         meta = AttnMeta(
-            is_prefill=batch.is_prefill,
-            rows=put(rows, torch.int64),
-            prefix_lens=put(batch.prefix_lens, torch.int32),
-            extend_lens=put(batch.extend_lens, torch.int32),
-            seq_lens=put(seq, torch.int32),
-            out_loc=put(batch.out_loc, torch.int64),
-            prefix_lens_host=list(batch.prefix_lens),
-            extend_lens_host=list(batch.extend_lens),
-            rows_host=rows,
-        )
-        positions_d, row_of_token_d = put(positions, torch.int64), put(row_of_token, torch.int64)
+            batch.is_prefill, d_rows, d_prefix, d_ext, d_seq, d_loc,
+            list(batch.prefix_lens), list(batch.extend_lens), rows.tolist(),
+        )  # fmt: skip
         # record the new slots in the table so attention (and later steps) can find them
-        self.slot_table[row_of_token_d, positions_d] = meta.out_loc.to(torch.int32)
-        return meta, positions_d, row_of_token_d
+        self.slot_table[d_row_of_token, d_pos] = d_loc.to(torch.int32)
+        return meta, d_pos
 
     @torch.inference_mode()
     def forward(self, batch: Batch, all_logits: bool = False) -> StepOutput:
-        meta, positions, row_of_token = self._meta(batch)
+        meta, positions = self._meta(batch)
         if batch.is_prefill:
-            input_ids = torch.tensor(batch.input_ids, dtype=torch.int64)
-            input_ids = (input_ids.pin_memory() if self.device == "cuda" else input_ids).to(
-                self.device, non_blocking=True
-            )
+            input_ids = h2d(torch.tensor(batch.input_ids, dtype=torch.int64), self.device)
         else:
             input_ids = self.next_tokens[meta.rows]
         if self.graphs is not None and self.graphs.can_run(batch):
@@ -177,24 +176,20 @@ class Engine:
         if all_logits:
             return StepOutput(batch, self.model.logits(h), None, None)
         if batch.is_prefill:
-            last = torch.tensor(batch.extend_lens).cumsum(0) - 1
-            h = h[last.to(self.device, non_blocking=True)]
+            h = h[h2d(torch.tensor(batch.extend_lens).cumsum(0) - 1, self.device)]
         return self._sample(batch, meta, self.model.logits(h))
 
     def _sample(self, batch: Batch, meta: AttnMeta, logits: torch.Tensor) -> StepOutput:
-        rows = [i for i, s in enumerate(batch.sample_mask) if s]
-        if not rows:
+        picked = [i for i, s in enumerate(batch.sample_mask) if s]
+        if not picked:
             return StepOutput(batch, None, None, None)
-        reqs = [batch.reqs[i] for i in rows]
-        if len(rows) < batch.size:
-            logits = logits[torch.tensor(rows, device=self.device)]
-        info = SamplingInfo.build(reqs, batch.sample_positions, self.device)
+        reqs = [batch.reqs[i] for i in picked]
+        table_rows = meta.rows
+        if len(picked) < batch.size:
+            idx = h2d(torch.tensor(picked), self.device)
+            logits, table_rows = logits[idx], meta.rows[idx]
+        info = self._sampling_info(reqs, batch.sample_positions)
         tokens = self.sampler(logits, info)
-        table_rows = (
-            meta.rows
-            if len(rows) == batch.size
-            else meta.rows[torch.tensor(rows, device=self.device)]
-        )
         self.next_tokens[table_rows] = tokens
         logprobs = gather_logprobs(logits, tokens, info.logprob_rows) if info.logprob_rows else None
         if self.device == "cpu":
@@ -205,3 +200,10 @@ class Engine:
         event = torch.cuda.Event()
         event.record()
         return StepOutput(batch, tokens, logprobs, event)
+
+    def _sampling_info(self, reqs: list, positions: list[int]) -> SamplingInfo:
+        # decode batches repeat the same requests step after step: reuse their tensors
+        key = tuple(r.uid for r in reqs)
+        if self._sinfo_key != key or self._sinfo.seeded:
+            self._sinfo, self._sinfo_key = SamplingInfo.build(reqs, positions, self.device), key
+        return self._sinfo

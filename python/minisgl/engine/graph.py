@@ -12,6 +12,7 @@ import torch
 
 from ..attention.base import AttnMeta
 from ..core import Batch
+from ..utils import h2d
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -43,7 +44,7 @@ class GraphRunner:
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_loc = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
         self.rows = torch.full((max_bs,), self.scratch_row, dtype=torch.int64, device=dev)
-        self.ones = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.ones = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.hidden = torch.zeros(max_bs, engine.cfg.hidden_size, dtype=engine.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         engine.attn.init_graph(max_bs)
@@ -57,7 +58,7 @@ class GraphRunner:
     def _meta(
         self, bs: int, rows: torch.Tensor, rows_host: list[int], seq_host: list[int]
     ) -> AttnMeta:
-        seq = torch.tensor(seq_host, dtype=torch.int32).to(self.engine.device, non_blocking=True)
+        seq = h2d(torch.tensor(seq_host, dtype=torch.int64), self.engine.device)
         return AttnMeta(
             False,
             rows,

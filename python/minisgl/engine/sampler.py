@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import Req
+from ..utils import h2d
 
 
 def top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
@@ -71,14 +72,14 @@ class SamplingInfo:
             for i, (p, pos) in enumerate(zip(ps, positions))
             if p.seed is not None and temps[i] > 0
         ]
+        vals = torch.tensor(
+            [temps, [float(p.top_k) for p in ps], [p.top_p for p in ps]], dtype=torch.float32
+        )
+        vals = h2d(vals, device)
         return cls(
-            temperatures=torch.tensor(temps, dtype=torch.float32).to(device, non_blocking=True),
-            top_ks=torch.tensor([p.top_k for p in ps], dtype=torch.int64).to(
-                device, non_blocking=True
-            ),
-            top_ps=torch.tensor([p.top_p for p in ps], dtype=torch.float32).to(
-                device, non_blocking=True
-            ),
+            temperatures=vals[0],
+            top_ks=vals[1].long(),
+            top_ps=vals[2],
             seeded=seeded,
             needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
             all_greedy=all(t == 0 for t in temps),
@@ -113,7 +114,7 @@ def gather_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[int, int]]
 ) -> tuple:
     """(chosen logprob [R], top values [R, n], top ids [R, n]) for the requested rows."""
-    idx = torch.tensor([r for r, _ in rows], device=logits.device)
+    idx = h2d(torch.tensor([r for r, _ in rows]), str(logits.device.type))
     n = max(k for _, k in rows)
     lp = torch.log_softmax(logits[idx], dim=-1)
     chosen = lp.gather(-1, tokens[idx].unsqueeze(-1)).squeeze(-1)

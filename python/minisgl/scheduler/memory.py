@@ -76,6 +76,18 @@ class ReqMemory:
         self.host_slots[row, start : start + n] = slots
         return slots.tolist()
 
+    def extend_decode(self, reqs: list[Req]) -> torch.Tensor:
+        """One new slot per request (its position `cached_len`), for the whole batch at once."""
+        rows = torch.tensor([r.table_idx for r in reqs])
+        pos = torch.tensor([r.cached_len for r in reqs])
+        fresh = pos % self.ps == 0
+        slots = self.host_slots[rows, (pos - 1).clamp(min=0)] + 1
+        n_new = int(fresh.sum())
+        if n_new:
+            slots[fresh] = torch.tensor(self.pages.alloc(n_new)) * self.ps
+        self.host_slots[rows, pos] = slots
+        return slots
+
     def release(self, req: Req) -> None:
         """Hand the request's KV to the prefix cache (what it can hold) and free the rest."""
         row, ps = req.table_idx, self.ps

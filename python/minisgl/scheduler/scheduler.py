@@ -145,15 +145,16 @@ class Scheduler:
         return batch
 
     def _schedule_decode(self, reqs: list[Req]) -> Batch | None:
-        need = sum(self.mem.pages_to_extend(r, 1) for r in reqs)
+        ps = self.mem.ps
+        need = sum(r.cached_len % ps == 0 for r in reqs)
         while not self.mem.ensure_free(need):
             victim = reqs.pop()  # the newest request gives its pages back and is recomputed later
-            need -= self.mem.pages_to_extend(victim, 1)
+            need -= victim.cached_len % ps == 0
             self._retract(victim)
             if not reqs:
                 return None
         prefix = [r.cached_len for r in reqs]
-        out_loc = [s for r in reqs for s in self.mem.extend(r, 1)]
+        out_loc = self.mem.extend_decode(reqs)
         for r in reqs:
             r.cached_len += 1
         batch = Batch(reqs, False, [1] * len(reqs), prefix, [True] * len(reqs), out_loc)

@@ -112,23 +112,25 @@ class IncrementalDetokenizer:
                 self._token_text[token_id] = text
         return text
 
-    def render_logprobs(self, row: Any) -> Any:
-        """[lp, [[id, lp], ...]] from the scheduler -> [lp, [[id, text, lp], ...]]."""
+    def render_logprobs(self, token_id: int, row: Any) -> Any:
+        """[lp, [[id, lp], ...]] from the scheduler -> [text, lp, [[id, text, lp], ...]]."""
         if row is None:
             return None
         lp, top = row
-        return [lp, [[int(i), self.token_text(int(i)), float(v)] for i, v in top]]
+        top = [[int(i), self.token_text(int(i)), float(v)] for i, v in top]
+        return [self.token_text(token_id), float(lp), top]
 
 
-def load_tokenizer(model: str) -> Any | None:
-    """The model's tokenizer, or None when the directory has none (dummy-weight dirs)."""
-    try:
-        from transformers import AutoTokenizer
+def load_tokenizer(args: Any) -> Any | None:
+    """The model's tokenizer (with --chat-template applied), or None when the directory has
+    none (dummy-weight directories): then ids still flow and texts are empty."""
+    from minisgl.models.weights import resolve_model_path
+    from minisgl.tokenizer import load_tokenizer as load
 
-        return AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # no tokenizer files: ids still flow, text is empty
-        logger.warning("no tokenizer for %s (%s): outputs carry token ids only", model, e)
-        return None
+    tok = load(resolve_model_path(args.model), args.chat_template)
+    if tok is None:
+        logger.warning("no tokenizer in %s: outputs carry token ids only", args.model)
+    return tok
 
 
 class Detokenizer:
@@ -167,8 +169,9 @@ class Detokenizer:
             g = order.get(uid)
             if g is None:
                 g = order[uid] = {"ids": [], "lps": [], "done": None}
-            g["ids"].append(int(msg.tokens[i]))
-            g["lps"].append(self.inc.render_logprobs(logprobs[i]))
+            token = int(msg.tokens[i])
+            g["ids"].append(token)
+            g["lps"].append(self.inc.render_logprobs(token, logprobs[i]))
             g["done"] = msg.finished[i]
             g["cached"], g["prompt_len"] = cached[i], prompt_lens[i]
         if not order:
@@ -187,7 +190,7 @@ def run_detokenizer(args: Any) -> None:
 
     from minisgl.messages import Ready
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args)
     detok = Detokenizer(tokenizer)
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)

@@ -8,7 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -32,6 +32,69 @@ class StreamOptions(_Strict):
     continuous_usage_stats: SBool = False
 
 
+def _positive(cls: Any, v: int | None) -> int | None:
+    if v is not None and not 1 <= v <= MAX_INT:
+        raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
+    return v
+
+
+def _temperature(cls: Any, v: float | None) -> float | None:
+    if v is not None and not 0 <= v <= 100:
+        raise ValueError(f"must be in [0, 100], got {v}")
+    return v
+
+
+def _top_p(cls: Any, v: float | None) -> float | None:
+    if v is not None and not 0 < v <= 1:
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _top_k(cls: Any, v: int | None) -> int | None:
+    if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
+        raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
+    return v
+
+
+def _n(cls: Any, v: int) -> int:
+    if v < 1:
+        raise ValueError(f"must be >= 1, got {v}")
+    return v
+
+
+def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    if any(not s or len(s) > MAX_STOP_LEN for s in stops):
+        raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
+    return stops
+
+
+def _stop_ids(cls: Any, v: list[int] | None) -> list[int] | None:
+    if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
+        raise ValueError("must be at most 1024 non-negative token ids")
+    return v
+
+
+def _seed(cls: Any, v: int | None) -> int | None:
+    if v is not None and not -(2**63) <= v < 2**63:
+        raise ValueError("must fit in a signed 64-bit integer")
+    return v
+
+
+def _no_penalty(cls: Any, v: float | None) -> float | None:
+    if v not in (None, 0, 0.0):
+        raise ValueError("penalties are not supported (only 0)")
+    return v
+
+
+def _top_logprobs(cls: Any, v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    return v
+
+
 class _Sampling(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -51,71 +114,15 @@ class _Sampling(_Strict):
     frequency_penalty: SFloat | None = None
     presence_penalty: SFloat | None = None
 
-    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
-    @classmethod
-    def _positive(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= MAX_INT:
-            raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: float | None) -> float | None:
-        if v is not None and not 0 <= v <= 100:
-            raise ValueError(f"must be in [0, 100], got {v}")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: float | None) -> float | None:
-        if v is not None and not 0 < v <= 1:
-            raise ValueError(f"must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k(cls, v: int | None) -> int | None:
-        if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
-            raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
-        return v
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(not s or len(s) > MAX_STOP_LEN for s in stops):
-            raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
-        return stops
-
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
-        if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
-            raise ValueError("must be at most 1024 non-negative token ids")
-        return v
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: int | None) -> int | None:
-        if v is not None and not -(2**63) <= v < 2**63:
-            raise ValueError("must fit in a signed 64-bit integer")
-        return v
-
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, v: float | None) -> float | None:
-        if v not in (None, 0, 0.0):
-            raise ValueError("penalties are not supported (only 0)")
-        return v
+    _v_max_tokens = field_validator("max_tokens")(_positive)
+    _v_temperature = field_validator("temperature")(_temperature)
+    _v_top_p = field_validator("top_p")(_top_p)
+    _v_top_k = field_validator("top_k")(_top_k)
+    _v_n = field_validator("n")(_n)
+    _v_stop = field_validator("stop")(_stop)
+    _v_stop_ids = field_validator("stop_token_ids")(_stop_ids)
+    _v_seed = field_validator("seed")(_seed)
+    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
 
 
 class CompletionRequest(_Sampling):
@@ -135,12 +142,7 @@ class CompletionRequest(_Sampling):
                 raise ValueError("token-id prompts must not be empty")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
-        return v
+    _v_logprobs = field_validator("logprobs")(_top_logprobs)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -193,12 +195,8 @@ class ChatCompletionRequest(_Sampling):
     add_generation_prompt: SBool = True
     response_format: dict[str, Any] | None = None
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
-        return v
+    _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
+    _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
 
     @field_validator("response_format")
     @classmethod
@@ -219,15 +217,14 @@ class NativeSamplingParams(_Strict):
     seed: SInt | None = None
     n: SInt = 1
 
-    # same rules as the OpenAI routes
-    _positive = field_validator("max_new_tokens")(_Sampling._positive.__func__)
-    _temperature = field_validator("temperature")(_Sampling._temperature.__func__)
-    _top_p = field_validator("top_p")(_Sampling._top_p.__func__)
-    _top_k = field_validator("top_k")(_Sampling._top_k.__func__)
-    _n = field_validator("n")(_Sampling._n.__func__)
-    _stop = field_validator("stop")(_Sampling._stop.__func__)
-    _stop_ids = field_validator("stop_token_ids")(_Sampling._stop_ids.__func__)
-    _seed = field_validator("seed")(_Sampling._seed.__func__)
+    _v_max_tokens = field_validator("max_new_tokens")(_positive)
+    _v_temperature = field_validator("temperature")(_temperature)
+    _v_top_p = field_validator("top_p")(_top_p)
+    _v_top_k = field_validator("top_k")(_top_k)
+    _v_n = field_validator("n")(_n)
+    _v_stop = field_validator("stop")(_stop)
+    _v_stop_ids = field_validator("stop_token_ids")(_stop_ids)
+    _v_seed = field_validator("seed")(_seed)
 
 
 class GenerateRequest(_Strict):
@@ -247,6 +244,3 @@ class GenerateRequest(_Strict):
         if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
         return self
-
-
-Role = Literal["system", "user", "assistant", "tool"]

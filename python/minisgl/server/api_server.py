@@ -1,0 +1,302 @@
+"""FastAPI app: OpenAI-compatible routes, native /generate, /health, /metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from minisgl.args import ServerArgs
+
+from .bridge import Bridge
+from .generation import ApiError, Generation
+from .metrics import Metrics
+from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from .responses import Formatter, error_body, native_item, native_stream
+from .tokenizer import NO_TEMPLATE
+
+logger = logging.getLogger("minisgl.server")
+
+MAX_PROMPTS = 256  # prompts in one /v1/completions request
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/health", "/metrics")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        errs = e.errors(include_url=False, include_input=False)
+        if errs and errs[0]["type"] == "json_invalid":
+            raise ApiError(400, f"the request body is not valid JSON: {errs[0]['msg']}") from None
+        if errs and errs[0]["type"] == "model_type":
+            raise ApiError(400, "the request body must be a JSON object") from None
+        parts, param = [], None
+        for err in errs[:5]:
+            loc = ".".join(str(x) for x in err["loc"])
+            param = param or loc or None
+            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+        raise ApiError(400, "invalid request: " + "; ".join(parts), param) from None
+
+
+class Guard:
+    """ASGI middleware: API key on /v1 and /generate, body size cap, HTTP metrics."""
+
+    def __init__(self, app: Any, args: ServerArgs, metrics: Metrics) -> None:
+        self.app, self.args, self.metrics = app, args, metrics
+        self.key = args.api_key.encode() if args.api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = path if path in ROUTES else "other"
+        status_box = [500]
+
+        async def send_wrapper(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status_box[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._call(scope, receive, send_wrapper, path)
+        finally:
+            self.metrics.http.labels(route, str(status_box[0])).inc()
+
+    async def _call(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and (path.startswith("/v1") or path == "/generate"):
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                resp = error_response(401, "missing or invalid API key (Authorization: Bearer KEY)")
+                return await resp(scope, receive, send)
+        limit = self.args.max_request_bytes
+        try:
+            declared = int(headers.get(b"content-length", b"0") or 0)
+        except ValueError:
+            declared = 0
+        too_big = error_response(413, f"request body larger than {limit} bytes")
+        if declared > limit:
+            return await too_big(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > limit:
+                return await too_big(scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
+    metrics = bridge.metrics if bridge is not None else Metrics()
+    bridge = bridge or Bridge(args, metrics)
+    name = args.model_name
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await bridge.start()
+        yield
+        bridge.fail_all("the server is shutting down", 503)
+        await bridge.stop()
+
+    app = FastAPI(title="minisgl", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.bridge = bridge
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError) -> JSONResponse:
+        return error_response(e.status, e.message, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(400, f"invalid request: {e.errors()}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        msg = f"no route {request.url.path}" if e.status_code == 404 else str(e.detail)
+        return error_response(e.status_code, msg)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        return error_response(500, "internal server error")
+
+    def require_ready() -> None:
+        if bridge.dead is not None:
+            raise ApiError(503, f"the server cannot serve: {bridge.dead}")
+        if not bridge.is_ready:
+            raise ApiError(503, "the server is starting; retry when GET /health answers 200")
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != name:
+            raise ApiError(400, f"model {model!r} is not served here; use {name!r}", "model")
+
+    def check_ids(ids: list[int], what: str) -> None:
+        vocab = bridge.vocab_size
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise ApiError(400, f"{what}: token id {i} is outside the vocabulary [0, {vocab})", what)
+
+    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, n: int) -> list[dict]:
+        if n > args.max_n:
+            raise ApiError(400, f"n must be at most {args.max_n}, got {n}", "n")
+        check_ids(req.stop_token_ids or [], "stop_token_ids")
+        top_k = req.top_k if req.top_k not in (None, 0) else -1
+        if top_k >= bridge.vocab_size:
+            top_k = -1
+        base = {
+            "temperature": 1.0 if req.temperature is None else float(req.temperature),
+            "top_k": top_k,
+            "top_p": 1.0 if req.top_p is None else float(req.top_p),
+            "max_tokens": max_tokens,
+            "ignore_eos": req.ignore_eos,
+            "stop_token_ids": list(req.stop_token_ids or []),
+            "seed": None,
+            "logprobs": -1 if logprobs is None else logprobs,
+        }
+        out = []
+        for i in range(n):  # choice i uses seed + i: different but reproducible
+            p = dict(base)
+            if req.seed is not None:
+                p["seed"] = (req.seed + i) % 2**63
+            out.append(p)
+        return out
+
+    async def respond(gen: Generation, request: Request, stream_body: Any, full_body: Any):
+        await gen.start()
+        if stream_body is not None:
+            return StreamingResponse(stream_body, media_type="text/event-stream", headers=SSE_HEADERS)
+        await gen.collect(request.is_disconnected)
+        return JSONResponse(full_body())
+
+    @app.get("/health")
+    async def health() -> Response:
+        if bridge.is_ready:
+            return JSONResponse({"status": "ok"})
+        if bridge.dead is not None:
+            return error_response(503, f"unhealthy: {bridge.dead}")
+        missing = sorted(bridge.expected - bridge.ready)
+        return error_response(503, f"starting: waiting for {', '.join(missing)}")
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> JSONResponse:
+        card = {"id": name, "object": "model", "created": 0, "owned_by": "minisgl"}
+        if bridge.max_seq_len:
+            card["max_model_len"] = bridge.max_seq_len
+        return JSONResponse({"object": "list", "data": [card]})
+
+    schema = {"application/json": {"schema": {"type": "object"}}}
+
+    @app.post("/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await request.body())
+        require_ready()
+        check_model(req.model)
+        prompts = req.prompts()
+        if len(prompts) > MAX_PROMPTS:
+            raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
+        for p in prompts:
+            if isinstance(p, list):
+                check_ids(p, "prompt")
+        params = sampling(req, req.max_tokens, req.logprobs, req.n)
+        gen = Generation(bridge)
+        for pi, p in enumerate(prompts):
+            for ps in params:
+                gen.add(pi, p, ps, req.stop, chat=False)
+        fmt = Formatter("completion", name, req.logprobs is not None, _usage(req))
+        stream = fmt.stream(gen) if req.stream else None
+        return await respond(gen, request, stream, lambda: fmt.full(gen))
+
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
+        require_ready()
+        check_model(req.model)
+        info = bridge.tokenizer_info
+        if not info.get("has_chat_template", True):
+            raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else "no tokenizer: use token ids")
+        try:
+            messages = [m.render() for m in req.messages]
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        top = req.top_logprobs if req.top_logprobs is not None else 0
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        params = sampling(req, max_tokens, top if req.logprobs else None, req.n)
+        payload = json.dumps({"messages": messages, "add_generation_prompt": req.add_generation_prompt})
+        gen = Generation(bridge)
+        for ps in params:
+            gen.add(0, payload, ps, req.stop, chat=True)
+        fmt = Formatter("chat", name, req.logprobs, _usage(req))
+        stream = fmt.stream(gen) if req.stream else None
+        return await respond(gen, request, stream, lambda: fmt.full(gen))
+
+    @app.post("/generate", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    async def generate(request: Request):
+        req: GenerateRequest = parse(GenerateRequest, await request.body())
+        require_ready()
+        sp = req.sampling_params
+        if req.input_ids is not None:
+            check_ids(req.input_ids, "input_ids")
+        params = sampling(
+            _NativeView(sp), sp.max_new_tokens, req.top_logprobs_num if req.return_logprob else None, sp.n
+        )
+        gen = Generation(bridge)
+        prompt = req.text if req.text is not None else req.input_ids
+        for ps in params:
+            gen.add(0, prompt, ps, sp.stop, chat=False)
+        rid = "gen-" + Formatter("completion", name, False).id[5:]
+        stream = native_stream(gen, rid, req.return_logprob) if req.stream else None
+
+        def full() -> Any:
+            items = [native_item(c, rid, req.return_logprob) for c in gen.choices]
+            return items[0] if len(items) == 1 else items
+
+        return await respond(gen, request, stream, full)
+
+    return Guard(app, args, metrics)  # type: ignore[return-value]
+
+
+class _NativeView:
+    """Native sampling params seen through the OpenAI field names used by `sampling`."""
+
+    def __init__(self, sp: Any) -> None:
+        self.temperature, self.top_p, self.top_k = sp.temperature, sp.top_p, sp.top_k
+        self.ignore_eos, self.seed = sp.ignore_eos, sp.seed
+        self.stop_token_ids = sp.stop_token_ids
+
+
+def _usage(req: Any) -> bool:
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)

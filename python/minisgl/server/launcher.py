@@ -1,0 +1,203 @@
+"""Launcher: start the worker processes, serve HTTP in this process, watch, and tear down.
+
+Process layout (all children use the multiprocessing 'spawn' context):
+  main        launcher + FastAPI/uvicorn API server (this process)
+  scheduler{r}  one per TP rank (minisgl.scheduler.process.run_scheduler)
+  detokenizer   token ids -> text deltas
+  tokenizer-i   text/chat -> token ids (--num-tokenizer of them)
+They talk over ZMQ ipc sockets in a private directory (tempfile.mkdtemp), removed at exit.
+
+A watchdog thread polls the children every 0.2 s. If one dies, /health turns 503, every
+in-flight request fails, the other children are stopped and the launcher exits with status 1.
+SIGINT/SIGTERM stop every child (terminate, then kill) within a few seconds and exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from typing import Any
+
+from minisgl.args import ServerArgs
+
+logger = logging.getLogger("minisgl.server")
+
+POLL_S = 0.2
+DEATH_GRACE_S = 1.0  # keep answering 503 this long after a crash before exiting
+
+
+def _set_process_name(name: str) -> None:
+    """Shown by ps/top (/proc/PID/comm, 15 bytes at most)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _child_main(kind: str, args: ServerArgs, index: int) -> None:
+    """Entry of every child process."""
+    from minisgl.utils import die_with_parent, exit_on_sigterm, setup_logging
+
+    short = {"scheduler": f"sched{index}", "detokenizer": "detok"}.get(kind, f"tok{index}")
+    _set_process_name(f"minisgl:{short}")
+    die_with_parent()
+    exit_on_sigterm()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops us
+    if kind == "scheduler":
+        from minisgl.scheduler.process import run_scheduler
+
+        run_scheduler(args, index)
+        return
+    name = "detokenizer" if kind == "detokenizer" else f"tokenizer-{index}"
+    setup_logging(args.log_level, name)
+    if kind == "detokenizer":
+        from .detokenizer import run_detokenizer
+
+        run_detokenizer(args)
+    else:
+        from .tokenizer import run_tokenizer
+
+        run_tokenizer(args, index)
+
+
+class Workers:
+    """The child processes and their socket directory."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.dir = tempfile.mkdtemp(prefix="minisgl-")
+        self.args = args.replace(zmq_dir=self.dir)
+        self.procs: dict[str, Any] = {}
+        self.stopping = False
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        jobs = [(f"scheduler{r}", "scheduler", r) for r in range(self.args.tp)]
+        jobs.append(("detokenizer", "detokenizer", 0))
+        jobs += [(f"tokenizer-{i}", "tokenizer", i) for i in range(self.args.num_tokenizer)]
+        for name, kind, index in jobs:
+            p = ctx.Process(target=_child_main, args=(kind, self.args, index), name=f"minisgl-{name}")
+            p.start()
+            self.procs[name] = p
+            logger.info("started %s (pid %d)", name, p.pid)
+
+    def first_dead(self) -> str | None:
+        for name, p in self.procs.items():
+            if not p.is_alive():
+                return f"worker {name} (pid {p.pid}) exited with code {p.exitcode}"
+        return None
+
+    def pids(self) -> dict[str, int]:
+        return {name: p.pid for name, p in self.procs.items()}
+
+    def stop(self, timeout: float = 2.5) -> None:
+        self.stopping = True
+        for p in self.procs.values():
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + timeout
+        for p in self.procs.values():
+            p.join(max(0.0, deadline - time.monotonic()))
+        for name, p in self.procs.items():
+            if p.is_alive():
+                logger.warning("%s did not stop in %.1f s: killing it", name, timeout)
+                p.kill()
+                p.join(1.0)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_server(args: ServerArgs) -> int:
+    """Start everything, serve until a signal or a worker death; return the exit status."""
+    import uvicorn
+
+    from minisgl.utils import setup_logging
+
+    from .api_server import create_app
+    from .bridge import Bridge
+    from .metrics import Metrics
+
+    setup_logging(args.log_level, "server")
+    workers = Workers(args)
+    args = workers.args
+    bridge = Bridge(args, Metrics())
+    app = create_app(args, bridge)
+    state = {"status": 0, "signal": None}
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not workers.stopping:
+                logger.info("received %s: shutting down", signal.Signals(sig).name)
+            workers.stopping = True
+            state["signal"] = sig
+            loop = bridge.loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(bridge.fail_all, "the server is shutting down", 503)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        access_log=args.log_level == "debug",
+        timeout_graceful_shutdown=1,
+        lifespan="on",
+    )
+    server = Server(config)
+
+    def on_signal(sig: int, frame: Any) -> None:
+        # before uvicorn takes over the handlers, and again when it re-raises after its exit
+        if not server.started and not workers.stopping:
+            workers.stopping = True
+            raise SystemExit(0)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    def announce() -> None:
+        info = bridge.info
+        logger.info(
+            "ready: serving %r at http://%s:%d (context %s tokens, %d tokenizer worker(s), tp %d)",
+            args.model_name, args.host, args.port, info.get("max_seq_len"), args.num_tokenizer, args.tp,
+        )  # fmt: skip
+
+    bridge.on_ready.append(announce)
+
+    def watchdog() -> None:
+        while not workers.stopping:
+            reason = workers.first_dead()
+            if reason is not None and not workers.stopping:
+                logger.error("%s: stopping the server", reason)
+                state["status"] = 1
+                died = time.monotonic()
+                loop = bridge.loop
+                if loop is not None and not loop.is_closed():
+                    loop.call_soon_threadsafe(bridge.mark_dead, reason)
+                else:
+                    bridge.dead = reason
+                workers.stop()
+                time.sleep(max(0.0, DEATH_GRACE_S - (time.monotonic() - died)))
+                server.should_exit = True
+                return
+            time.sleep(POLL_S)
+
+    try:
+        logger.info("starting workers (sockets in %s)", workers.dir)
+        workers.start()
+        threading.Thread(target=watchdog, name="minisgl-watchdog", daemon=True).start()
+        server.run()
+        if not server.started and state["status"] == 0 and state["signal"] is None:
+            state["status"] = 1  # could not bind the port, or startup failed
+    except SystemExit as e:
+        if e.code not in (0, None):
+            state["status"] = 1
+    finally:
+        workers.stop()
+    logger.info("stopped (exit status %d)", state["status"])
+    return int(state["status"])

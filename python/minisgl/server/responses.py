@@ -1,0 +1,156 @@
+"""Response bodies: OpenAI completions / chat completions (whole and streamed) and native /generate."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .generation import ApiError, Choice, Generation
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    499: "invalid_request_error",
+    500: "internal_server_error",
+    503: "service_unavailable",
+}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+# ---- logprobs -------------------------------------------------------------------------------
+def chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+    content = []
+    for text, lp, top in entries:
+        alts = [{"token": t, "logprob": v, "bytes": _bytes(t)} for _, t, v in top]
+        content.append({"token": text, "logprob": lp, "bytes": _bytes(text), "top_logprobs": alts})
+    return {"content": content}
+
+
+def completion_logprobs(entries: list[Any], offset: int) -> dict[str, Any]:
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for text, lp, top in entries:
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp)
+        out["top_logprobs"].append({t: v for _, t, v in top})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+class Formatter:
+    """Builds the OpenAI bodies of one request (`kind` is "completion" or "chat")."""
+
+    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False):
+        self.kind, self.model = kind, model
+        self.want_logprobs = want_logprobs
+        self.include_usage = include_usage
+        self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self._offsets: dict[int, int] = {}
+        self._started: set[int] = set()
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def _logprobs(self, c: Choice, entries: list[Any]) -> dict[str, Any] | None:
+        if not self.want_logprobs:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        off = self._offsets.get(c.index, 0)
+        self._offsets[c.index] = off + sum(len(e[0]) for e in entries)
+        return completion_logprobs(entries, off)
+
+    def full(self, gen: Generation) -> dict[str, Any]:
+        choices = []
+        for c in gen.choices:
+            lp = self._logprobs(c, c.logprobs)
+            if self.kind == "chat":
+                msg = {"role": "assistant", "content": c.text}
+                choices.append(
+                    {"index": c.index, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason}
+                )
+            else:
+                choices.append(
+                    {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                )
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {**self._head(obj), "choices": choices, "usage": gen.usage()}
+
+    async def stream(self, gen: Generation) -> AsyncIterator[str]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        try:
+            async for ev in gen.events():
+                c = ev.choice
+                first = self.kind == "chat" and c.index not in self._started
+                if not (ev.delta or ev.finished or ev.logprobs or first):
+                    continue
+                choice: dict[str, Any] = {"index": c.index}
+                if self.kind == "chat":
+                    self._started.add(c.index)
+                    delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                    if ev.delta or first:
+                        delta["content"] = ev.delta
+                    choice["delta"] = delta
+                else:
+                    choice["text"] = ev.delta
+                choice["logprobs"] = self._logprobs(c, ev.logprobs)
+                choice["finish_reason"] = c.finish_reason if ev.finished else None
+                chunk = {**self._head(obj), "choices": [choice]}
+                if self.include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            if self.include_usage:
+                yield sse({**self._head(obj), "choices": [], "usage": gen.usage()})
+            yield "data: [DONE]\n\n"
+        except ApiError as e:
+            yield sse(error_body(e.status, e.message, e.param))
+
+
+# ---- native /generate -----------------------------------------------------------------------
+def native_item(c: Choice, rid: str, want_logprobs: bool) -> dict[str, Any]:
+    finish = None
+    if c.finish_reason is not None:
+        finish = {"type": c.finish_reason}
+    meta: dict[str, Any] = {
+        "id": rid,
+        "finish_reason": finish,
+        "prompt_tokens": c.prompt_len,
+        "completion_tokens": len(c.token_ids),
+        "cached_tokens": c.cached,
+    }
+    if want_logprobs:
+        meta["output_token_logprobs"] = [
+            [lp, tid, text] for (text, lp, _), tid in zip(c.logprobs, c.token_ids)
+        ]
+        meta["output_top_logprobs"] = [[[v, i, t] for i, t, v in top] for _, _, top in c.logprobs]
+    return {"index": c.index, "text": c.text[: c.sent], "output_ids": list(c.token_ids), "meta_info": meta}
+
+
+async def native_stream(gen: Generation, rid: str, want_logprobs: bool) -> AsyncIterator[str]:
+    """Each event carries the text and ids so far (SGLang's /generate streaming format)."""
+    try:
+        async for ev in gen.events():
+            if ev.delta or ev.finished:
+                yield sse(native_item(ev.choice, rid, want_logprobs))
+        yield "data: [DONE]\n\n"
+    except ApiError as e:
+        yield sse(error_body(e.status, e.message, e.param))

@@ -1,0 +1,151 @@
+"""Tokenizer worker: TokenizeReq (text, token ids or chat messages) -> UserReq for the scheduler.
+
+It renders chat templates, tokenizes, and rejects what the scheduler must never see: token ids
+outside the vocabulary and prompt + max_tokens beyond the context (ErrorOut 400 to the API).
+The context length and vocabulary size come from the scheduler's Ready message, which the API
+server forwards to every tokenizer worker as `Ready("config", info)` before it reports ready.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from minisgl.core import SamplingParams
+from minisgl.messages import AbortReq, ErrorOut, Ready, TokenizeReq, UserReq, decode, encode
+
+logger = logging.getLogger("minisgl.tokenizer")
+
+NO_TEMPLATE = (
+    "this model has no chat template: start the server with --chat-template FILE "
+    "or use /v1/completions"
+)
+
+
+class TokenizerWorker:
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tok = tokenizer
+        self.max_seq_len = 0
+        self.vocab_size = 0
+        self.max_chars = 0
+        self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def configure(self, info: dict[str, Any]) -> None:
+        self.max_seq_len = int(info["max_seq_len"])
+        self.vocab_size = int(info["vocab_size"])
+        # a prompt longer than this many characters cannot fit: skip tokenizing huge texts
+        longest = 16
+        if self.tok is not None:
+            try:
+                longest = max(len(p) for p in self.tok.get_vocab()) + 1
+            except Exception:
+                longest = 256
+        self.max_chars = self.max_seq_len * max(longest, 16)
+
+    def handle(self, req: TokenizeReq) -> UserReq | ErrorOut:
+        try:
+            return self._handle(req)
+        except _Reject as e:
+            return ErrorOut(req.uid, str(e), 400)
+        except Exception as e:  # a template or tokenizer error is the request's fault
+            logger.warning("request %d rejected: %r", req.uid, e)
+            return ErrorOut(req.uid, f"could not tokenize the prompt: {e}", 400)
+
+    def _handle(self, req: TokenizeReq) -> UserReq:
+        if req.input_ids is not None:
+            ids = [int(i) for i in req.input_ids]
+        else:
+            ids = self._tokenize(req)
+        if not ids:
+            raise _Reject("the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise _Reject(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        params = dict(req.params)
+        n, ctx = len(ids), self.max_seq_len
+        if n >= ctx:
+            raise _Reject(
+                f"This model's maximum context length is {ctx} tokens; the prompt has {n} tokens "
+                "and leaves no room for the completion."
+            )
+        if params.get("max_tokens") is None:
+            params["max_tokens"] = ctx - n
+        elif n + params["max_tokens"] > ctx:
+            raise _Reject(
+                f"This model's maximum context length is {ctx} tokens. However, you requested "
+                f"{n + params['max_tokens']} tokens ({n} in the prompt, {params['max_tokens']} "
+                "for the completion). Please reduce the prompt or max_tokens."
+            )
+        bad = [i for i in params.get("stop_token_ids") or [] if not 0 <= i < self.vocab_size]
+        if bad:
+            raise _Reject(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        try:
+            SamplingParams(**params)
+        except (TypeError, ValueError) as e:
+            raise _Reject(str(e)) from None
+        return UserReq(req.uid, ids, params)
+
+    def _tokenize(self, req: TokenizeReq) -> list[int]:
+        if self.tok is None:
+            raise _Reject("this model has no tokenizer: send token ids instead of text")
+        text = req.text or ""
+        add_special = True
+        if req.chat:
+            if not self.has_chat_template:
+                raise _Reject(NO_TEMPLATE)
+            payload = json.loads(text)
+            text = self.tok.apply_chat_template(
+                payload["messages"],
+                tokenize=False,
+                add_generation_prompt=payload.get("add_generation_prompt", True),
+            )
+            add_special = False  # the template writes BOS itself when the model wants one
+        if len(text) > self.max_chars:
+            raise _Reject(
+                f"the prompt ({len(text)} characters) is longer than the model's context of "
+                f"{self.max_seq_len} tokens"
+            )
+        return list(self.tok.encode(text, add_special_tokens=add_special))
+
+
+class _Reject(Exception):
+    pass
+
+
+def run_tokenizer(args: Any, index: int) -> None:
+    """Process entry: PULL at {zmq_dir}/tokenizer-{index}; PUSH to the scheduler and the API."""
+    import zmq
+
+    from .detokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args)  # --chat-template is applied to tokenizer.chat_template
+    worker = TokenizerWorker(tokenizer)
+    d = args.zmq_dir
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.bind(f"ipc://{d}/tokenizer-{index}")
+    sched = ctx.socket(zmq.PUSH)
+    sched.setsockopt(zmq.SNDHWM, 0)
+    sched.connect(f"ipc://{d}/scheduler")
+    api = ctx.socket(zmq.PUSH)
+    api.setsockopt(zmq.SNDHWM, 0)
+    api.connect(f"ipc://{d}/api")
+    ready = ctx.socket(zmq.PUSH)
+    ready.connect(f"ipc://{d}/launcher")
+    info = {"has_tokenizer": tokenizer is not None, "has_chat_template": worker.has_chat_template}
+    ready.send(encode(Ready(f"tokenizer-{index}", info)))
+    while True:
+        try:
+            msg = decode(pull.recv())
+        except Exception as e:
+            logger.error("tokenizer: undecodable message dropped: %s", e)
+            continue
+        if isinstance(msg, TokenizeReq):
+            out = worker.handle(msg)
+            (sched if isinstance(out, UserReq) else api).send(encode(out))
+        elif isinstance(msg, AbortReq):
+            sched.send(encode(msg))  # same pipe as the request: never overtakes it
+        elif isinstance(msg, Ready) and msg.name == "config":
+            worker.configure(msg.info)
