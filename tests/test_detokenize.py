@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from minisgl.messages import AbortReq, ErrorOut, Stats, TextOut, TokenOut
 from minisgl.server.detokenizer import Detokenizer, IncrementalDetokenizer
 
@@ -138,7 +139,8 @@ def test_worker_messages(tok):
         texts += out[0].text
         ids_seen += out[0].token_ids
         lp = out[0].logprobs[0]
-        assert lp[0] == -0.5 and lp[1][0][0] == t and isinstance(lp[1][0][1], str)
+        assert lp[0] == det.inc.token_text(t) and lp[1] == -0.5
+        assert lp[2][0][0] == t and lp[2][0][1] == lp[0] and lp[2][1][:2] == [3, "\x00"]
         assert out[0].cached == 2 and out[0].prompt_len == 9
     assert texts == full_decode(tok, ids) and ids_seen == ids
     assert out[0].finished == "stop"

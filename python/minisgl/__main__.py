@@ -22,7 +22,10 @@ def _parse(argv: list[str] | None):
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
     if args.chat_template and not os.path.isfile(args.chat_template):
-        print(f"python -m minisgl: error: --chat-template {args.chat_template!r} is not a file", file=sys.stderr)
+        print(
+            f"python -m minisgl: error: --chat-template {args.chat_template!r} is not a file",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return args
 

@@ -27,7 +27,14 @@ from .tokenizer import NO_TEMPLATE
 logger = logging.getLogger("minisgl.server")
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/health", "/metrics")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/generate",
+    "/health",
+    "/metrics",
+)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -164,7 +171,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         vocab = bridge.vocab_size
         for i in ids:
             if not 0 <= i < vocab:
-                raise ApiError(400, f"{what}: token id {i} is outside the vocabulary [0, {vocab})", what)
+                raise ApiError(
+                    400, f"{what}: token id {i} is outside the vocabulary [0, {vocab})", what
+                )
 
     def sampling(req: Any, max_tokens: int | None, logprobs: int | None, n: int) -> list[dict]:
         if n > args.max_n:
@@ -194,7 +203,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     async def respond(gen: Generation, request: Request, stream_body: Any, full_body: Any):
         await gen.start()
         if stream_body is not None:
-            return StreamingResponse(stream_body, media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                stream_body, media_type="text/event-stream", headers=SSE_HEADERS
+            )
         await gen.collect(request.is_disconnected)
         return JSONResponse(full_body())
 
@@ -220,7 +231,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
 
     schema = {"application/json": {"schema": {"type": "object"}}}
 
-    @app.post("/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    @app.post(
+        "/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
+    )
     async def completions(request: Request):
         req: CompletionRequest = parse(CompletionRequest, await request.body())
         require_ready()
@@ -240,14 +253,18 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         stream = fmt.stream(gen) if req.stream else None
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
-    @app.post("/v1/chat/completions", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    @app.post(
+        "/v1/chat/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
+    )
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
         require_ready()
         check_model(req.model)
         info = bridge.tokenizer_info
         if not info.get("has_chat_template", True):
-            raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else "no tokenizer: use token ids")
+            raise ApiError(
+                400, NO_TEMPLATE if info.get("has_tokenizer") else "no tokenizer: use token ids"
+            )
         try:
             messages = [m.render() for m in req.messages]
         except ValueError as e:
@@ -255,7 +272,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         top = req.top_logprobs if req.top_logprobs is not None else 0
         max_tokens = req.max_completion_tokens or req.max_tokens
         params = sampling(req, max_tokens, top if req.logprobs else None, req.n)
-        payload = json.dumps({"messages": messages, "add_generation_prompt": req.add_generation_prompt})
+        payload = json.dumps(
+            {"messages": messages, "add_generation_prompt": req.add_generation_prompt}
+        )
         gen = Generation(bridge)
         for ps in params:
             gen.add(0, payload, ps, req.stop, chat=True)
@@ -271,7 +290,10 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         if req.input_ids is not None:
             check_ids(req.input_ids, "input_ids")
         params = sampling(
-            _NativeView(sp), sp.max_new_tokens, req.top_logprobs_num if req.return_logprob else None, sp.n
+            _NativeView(sp),
+            sp.max_new_tokens,
+            req.top_logprobs_num if req.return_logprob else None,
+            sp.n,
         )
         gen = Generation(bridge)
         prompt = req.text if req.text is not None else req.input_ids

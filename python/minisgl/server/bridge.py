@@ -76,7 +76,8 @@ class Bridge:
         self.pull = self._socket(zmq.PULL, f"ipc://{d}/api", bind=True)
         self.ready_pull = self._socket(zmq.PULL, f"ipc://{d}/launcher", bind=True)
         self.tok_push = [
-            self._socket(zmq.PUSH, f"ipc://{d}/tokenizer-{i}") for i in range(self.args.num_tokenizer)
+            self._socket(zmq.PUSH, f"ipc://{d}/tokenizer-{i}")
+            for i in range(self.args.num_tokenizer)
         ]
         self.detok_push = self._socket(zmq.PUSH, f"ipc://{d}/detokenizer")
         self._tasks = [

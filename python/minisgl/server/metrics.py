@@ -19,7 +19,11 @@ ENGINE_STATS = {
     "pages_used": ("minisgl_kv_pages_used", "KV cache pages in use by requests", False),
     "pages_free": ("minisgl_kv_pages_free", "KV cache pages free", False),
     "pages_cached": ("minisgl_kv_pages_cached", "KV pages held only by the prefix cache", False),
-    "prefix_hit_tokens": ("minisgl_prefix_cache_hit_tokens", "prompt tokens from the prefix cache", True),
+    "prefix_hit_tokens": (
+        "minisgl_prefix_cache_hit_tokens",
+        "prompt tokens from the prefix cache",
+        True,
+    ),
     "prefill_tokens": ("minisgl_prefill_tokens", "prompt tokens computed", True),
     "decode_tokens": ("minisgl_decode_tokens", "tokens decoded", True),
 }
@@ -46,10 +50,17 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.http = Counter(
-            "minisgl_http_requests", "HTTP requests by route and status", ["route", "status"], registry=r
+            "minisgl_http_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=r,
         )
-        self.prompt_tokens = Counter("minisgl_prompt_tokens", "prompt tokens of served requests", registry=r)
-        self.generation_tokens = Counter("minisgl_generation_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter(
+            "minisgl_prompt_tokens", "prompt tokens of served requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "minisgl_generation_tokens", "tokens generated", registry=r
+        )
         self.finished = Counter(
             "minisgl_request_finished", "engine requests finished by reason", ["reason"], registry=r
         )
@@ -57,12 +68,20 @@ class Metrics:
             "minisgl_time_to_first_token_seconds", "time to first token", buckets=_TTFT, registry=r
         )
         self.itl = Histogram(
-            "minisgl_inter_token_latency_seconds", "time between tokens", buckets=_LATENCY, registry=r
+            "minisgl_inter_token_latency_seconds",
+            "time between tokens",
+            buckets=_LATENCY,
+            registry=r,
         )
         self.e2e = Histogram(
-            "minisgl_e2e_request_latency_seconds", "engine request latency", buckets=_E2E, registry=r
+            "minisgl_e2e_request_latency_seconds",
+            "engine request latency",
+            buckets=_E2E,
+            registry=r,
         )
-        self.running = Gauge("minisgl_api_inflight_requests", "engine requests in flight in the API", registry=r)
+        self.running = Gauge(
+            "minisgl_api_inflight_requests", "engine requests in flight in the API", registry=r
+        )
         self.engine = EngineStats()
         r.register(self.engine)
 

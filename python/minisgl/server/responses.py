@@ -45,7 +45,12 @@ def chat_logprobs(entries: list[Any]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[Any], offset: int) -> dict[str, Any]:
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    out: dict[str, list] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     for text, lp, top in entries:
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
@@ -86,11 +91,21 @@ class Formatter:
             if self.kind == "chat":
                 msg = {"role": "assistant", "content": c.text}
                 choices.append(
-                    {"index": c.index, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason}
+                    {
+                        "index": c.index,
+                        "message": msg,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
                 )
             else:
                 choices.append(
-                    {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+                    {
+                        "index": c.index,
+                        "text": c.text,
+                        "logprobs": lp,
+                        "finish_reason": c.finish_reason,
+                    }
                 )
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {**self._head(obj), "choices": choices, "usage": gen.usage()}
@@ -142,7 +157,12 @@ def native_item(c: Choice, rid: str, want_logprobs: bool) -> dict[str, Any]:
             [lp, tid, text] for (text, lp, _), tid in zip(c.logprobs, c.token_ids)
         ]
         meta["output_top_logprobs"] = [[[v, i, t] for i, t, v in top] for _, _, top in c.logprobs]
-    return {"index": c.index, "text": c.text[: c.sent], "output_ids": list(c.token_ids), "meta_info": meta}
+    return {
+        "index": c.index,
+        "text": c.text[: c.sent],
+        "output_ids": list(c.token_ids),
+        "meta_info": meta,
+    }
 
 
 async def native_stream(gen: Generation, rid: str, want_logprobs: bool) -> AsyncIterator[str]:

@@ -79,7 +79,9 @@ class TokenizerWorker:
             )
         bad = [i for i in params.get("stop_token_ids") or [] if not 0 <= i < self.vocab_size]
         if bad:
-            raise _Reject(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise _Reject(
+                f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
         try:
             SamplingParams(**params)
         except (TypeError, ValueError) as e:
