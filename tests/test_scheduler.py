@@ -320,11 +320,6 @@ def test_admission_counts_pages_of_the_whole_prefill_batch(
     assert_idle(llm)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: a re-admitted (retracted) request reports its own recomputed "
-    "outputs as cached prompt tokens (TokenOut.cached > prompt_len)",
-)
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_cached_tokens_stay_within_the_prompt_after_retraction(
     stories_dir: str, pressure_workload: tuple, page_size: int
@@ -338,11 +333,6 @@ def test_cached_tokens_stay_within_the_prompt_after_retraction(
     assert not bad, f"(uid, cached, prompt_len) with cached > prompt_len: {bad[:5]}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spec gap: the radix cache is only filled when a request leaves, not after each "
-    "prefill chunk (issue 3: 'insert on completion and after each prefill chunk')",
-)
 def test_prefill_chunks_are_inserted_into_the_cache(stories_dir: str) -> None:
     """B shares 256 tokens with A and arrives while A is still being prefilled in chunks of 64:
     A's finished chunks are already in the radix tree, so B hits them."""

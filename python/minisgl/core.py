@@ -79,7 +79,8 @@ class Req:
     table_idx: int = -1
     cached_len: int = 0
     device_len: int = 0
-    cache_hit: int = 0  # prompt tokens taken from the prefix cache
+    cache_hit: int = 0  # tokens currently shared with the prefix cache (page aligned)
+    prompt_cached: int = -1  # prompt tokens found in the cache at first admission (reported)
     cache_handle: Any = None
     finished: bool = False
     finish_reason: FinishReason | None = None

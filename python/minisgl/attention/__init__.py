@@ -33,8 +33,9 @@ def create_backend(
     num_kv_heads: int,
     head_dim: int,
 ) -> AttentionBackend:
-    if name == "auto":
-        name = "torch" if device == "cpu" else "fi"
+    if name == "auto":  # FlashInfer where its kernels exist, else the portable backend
+        fast = device == "cuda" and head_dim in (64, 128, 256) and pool.k.dtype != torch.float32
+        name = "fi" if fast else "torch"
     parts = name.split(",")
     if len(parts) > 2 or any(p not in BACKENDS for p in parts):
         raise ValueError(

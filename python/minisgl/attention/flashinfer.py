@@ -31,6 +31,11 @@ class FlashInferBackend(AttentionBackend):
         head_dim: int,
     ) -> None:
         super().__init__(pool, slot_table, num_heads, num_kv_heads, head_dim)
+        if head_dim not in (64, 128, 256) or pool.k.dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(
+                f"--attn fi supports head_dim 64/128/256 in float16/bfloat16, not {head_dim} in {pool.k.dtype}; "
+                "use --attn torch"
+            )
         fi = _import_flashinfer()
         self.fi = fi
         self.ps = pool.page_size

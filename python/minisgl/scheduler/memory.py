@@ -21,6 +21,7 @@ class ReqMemory:
         self.ps = engine.page_size
         self.pages = PageAllocator(engine.num_pages)
         self.cache = create_cache_manager(cache, self.ps)
+        self.sharing = cache != "naive"
         self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
         self.host_slots = torch.zeros(engine.max_reqs, engine.max_seq_len, dtype=torch.int64)
 
@@ -88,6 +89,24 @@ class ReqMemory:
         self.host_slots[rows, pos] = slots
         return slots
 
+    def cache_prefix(self, req: Req) -> None:
+        """Share a partly prefilled request's full pages through the cache (chunked prefill).
+        Where another request cached the same tokens first, switch to its copy, free ours."""
+        n = req.cached_len // self.ps * self.ps
+        if not self.sharing or n <= req.cache_hit:
+            return
+        row, ids = req.table_idx, req.token_ids[:n]
+        already = self.cache.insert(ids, self.host_slots[row, :n].clone())
+        handle, slots = self.cache.match_prefix(ids)
+        self.cache.lock(handle)
+        if req.cache_handle is not None:
+            self.cache.unlock(req.cache_handle)
+        if already > req.cache_hit:
+            self._free_slots(self.host_slots[row, req.cache_hit : already].clone())
+            self.host_slots[row, :n] = slots
+            self.engine.write_slots(row, 0, slots)
+        req.cache_handle, req.cache_hit = handle, n
+
     def release(self, req: Req) -> None:
         """Hand the request's KV to the prefix cache (what it can hold) and free the rest."""
         row, ps = req.table_idx, self.ps
@@ -98,7 +117,8 @@ class ReqMemory:
         already = self.cache.insert(req.token_ids[:known], slots[:known].clone())
         self._free_slots(slots[req.cache_hit : already])  # duplicates of what the cache had
         self._free_slots(slots[known:])
-        self.cache.unlock(req.cache_handle)
+        if req.cache_handle is not None:
+            self.cache.unlock(req.cache_handle)
         self.free_rows.append(row)
         req.table_idx, req.cache_handle, req.cache_hit, req.cached_len = -1, None, 0, 0
 

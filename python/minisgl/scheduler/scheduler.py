@@ -106,13 +106,25 @@ class Scheduler:
 
     def _schedule_prefill(self) -> Batch | None:
         budget = self.prefill_budget
-        reqs, extends = [], []
-        if self.chunked is not None:
-            req = self.chunked
-            n = min(req.device_len - req.cached_len, budget)
-            if self.mem.ensure_free(self.mem.pages_to_extend(req, n)):
-                reqs.append(req), extends.append(n)
+        reqs: list[Req] = []
+        extends: list[int] = []
+        prefix: list[int] = []
+        out_loc: list[int] = []
+
+        def take(req: Req, n: int) -> None:
+            # pages are allocated at once so the next admission sees what is really free
+            reqs.append(req), extends.append(n), prefix.append(req.cached_len)
+            out_loc.extend(self.mem.extend(req, n))
+            req.cached_len += n
+
+        chunked, self.chunked = self.chunked, None
+        if chunked is not None:
+            n = min(chunked.device_len - chunked.cached_len, budget)
+            if self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
+                take(chunked, n)
                 budget -= n
+            else:
+                self.chunked = chunked  # retry once decoding requests have freed pages
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.device_len > len(req.token_ids):
@@ -121,24 +133,20 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.running.append(req)
-            self.counters["prefix_hit_tokens"] += req.cache_hit
+            if req.prompt_cached < 0:
+                req.prompt_cached = min(req.cache_hit, req.prompt_len)
+                self.counters["prefix_hit_tokens"] += req.prompt_cached
             n = min(req.device_len - req.cached_len, budget)
-            reqs.append(req), extends.append(n)
+            take(req, n)
             budget -= n
         if not reqs:
             return None
-        prefix = [r.cached_len for r in reqs]
-        out_loc = [s for r, n in zip(reqs, extends) for s in self.mem.extend(r, n)]
         input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
-        sample = []
-        if self.chunked in reqs:
-            self.chunked = None
-        for r, n in zip(reqs, extends):
-            r.cached_len += n
-            done = r.cached_len == r.device_len
-            sample.append(done)
+        sample = [r.cached_len == r.device_len for r in reqs]
+        for r, done in zip(reqs, sample):
             if not done:
                 self.chunked = r
+                self.mem.cache_prefix(r)  # later requests can share the chunks done so far
         batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
         self._advance(batch)
         self.counters["prefill_tokens"] += sum(extends)
@@ -205,18 +213,12 @@ class Scheduler:
                 or len(req.token_ids) >= self.engine.max_seq_len
             ):
                 reason = FinishReason.LENGTH
-            for field, value in zip(
-                (msg.uids, msg.tokens, msg.finished, msg.logprobs, msg.cached, msg.prompt_lens),
-                (
-                    req.uid,
-                    tok,
-                    reason.value if reason else None,
-                    logprob,
-                    req.cache_hit,
-                    req.prompt_len,
-                ),
-            ):
-                field.append(value)
+            msg.uids.append(req.uid)
+            msg.tokens.append(tok)
+            msg.finished.append(reason.value if reason else None)
+            msg.logprobs.append(logprob)
+            msg.cached.append(req.prompt_cached)
+            msg.prompt_lens.append(req.prompt_len)
             if reason is not None:
                 self._finish(req, reason)
         if msg.uids:
@@ -224,7 +226,6 @@ class Scheduler:
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finished, req.finish_reason = True, reason
-        hit = req.cache_hit
         if req in self.running:
             self.running.remove(req)
             self.mem.release(req)
@@ -232,7 +233,6 @@ class Scheduler:
             self.waiting.remove(req)
         if self.chunked is req:
             self.chunked = None
-        req.cache_hit = hit  # keep the figure for the response after the pages are gone
         del self.reqs[req.uid]
 
     def stats(self) -> dict[str, float]:

@@ -203,6 +203,8 @@ def run_detokenizer(args: Any) -> None:
     ready.connect(f"ipc://{args.zmq_dir}/launcher")
     ready.send(encode(Ready("detokenizer", {"has_tokenizer": tokenizer is not None})))
     while True:
+        if not pull.poll(200):  # wake up now and then so a SIGTERM handler can run
+            continue
         data = pull.recv()
         try:
             msg = decode(data)

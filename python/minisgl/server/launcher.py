@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -101,7 +102,26 @@ class Workers:
             env = {}
         return {k: v for k, v in env.items() if k not in os.environ}
 
+    @staticmethod
+    def _quiet_resource_tracker() -> None:
+        """Start multiprocessing's resource tracker without its 'leaked semaphore' warning.
+
+        Workers are stopped with SIGTERM/SIGKILL, so a lock some library made in a worker
+        (tqdm does) is never unregistered; the tracker still removes it, but warns at exit.
+        """
+        from multiprocessing import resource_tracker
+
+        opt = "ignore:resource_tracker:UserWarning"
+        sys.warnoptions.append(opt)  # passed to the tracker's interpreter as -W
+        try:
+            resource_tracker.ensure_running()
+        except Exception:
+            pass
+        finally:
+            sys.warnoptions.remove(opt)
+
     def start(self) -> None:
+        self._quiet_resource_tracker()
         ctx = mp.get_context("spawn")
         jobs = [(f"scheduler{r}", "scheduler", r) for r in range(self.args.tp)]
         jobs.append(("detokenizer", "detokenizer", 0))

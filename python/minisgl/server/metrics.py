@@ -18,7 +18,8 @@ ENGINE_STATS = {
     "waiting_reqs": ("minisgl_num_waiting_reqs", "requests waiting to be scheduled", False),
     "pages_used": ("minisgl_kv_pages_used", "KV cache pages in use by requests", False),
     "pages_free": ("minisgl_kv_pages_free", "KV cache pages free", False),
-    "pages_cached": ("minisgl_kv_pages_cached", "KV pages held only by the prefix cache", False),
+    "pages_cached": ("minisgl_kv_pages_cached", "KV pages held by the prefix cache", False),
+    "pages_total": ("minisgl_kv_pages_total", "KV cache pages allocated", False),
     "prefix_hit_tokens": (
         "minisgl_prefix_cache_hit_tokens",
         "prompt tokens from the prefix cache",
@@ -26,6 +27,7 @@ ENGINE_STATS = {
     ),
     "prefill_tokens": ("minisgl_prefill_tokens", "prompt tokens computed", True),
     "decode_tokens": ("minisgl_decode_tokens", "tokens decoded", True),
+    "retracted": ("minisgl_retracted_reqs", "requests retracted under KV pressure", True),
 }
 
 

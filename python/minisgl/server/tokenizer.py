@@ -139,6 +139,8 @@ def run_tokenizer(args: Any, index: int) -> None:
     info = {"has_tokenizer": tokenizer is not None, "has_chat_template": worker.has_chat_template}
     ready.send(encode(Ready(f"tokenizer-{index}", info)))
     while True:
+        if not pull.poll(200):  # wake up now and then so a SIGTERM handler can run
+            continue
         try:
             msg = decode(pull.recv())
         except Exception as e:
