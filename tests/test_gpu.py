@@ -14,6 +14,32 @@ pytestmark = pytest.mark.gpu
 STORIES_IDS = [432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
                410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385, 328, 432, 358, 394]  # fmt: skip
 TINY = ["llama_gqa_dir", "qwen3_tied_dir", "qwen3_untied_dir", "qwen2_bias_dir"]
+# FlashInfer has kernels for head_dim 64/128/256 only: these fixtures use those sizes
+FI = ["qwen3_hd128_dir", "llama_hd64_dir", "qwen2_hd64_dir"]
+
+
+@pytest.fixture(scope="session")
+def qwen3_hd128_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conftest import _build
+
+    return _build(tmp_path_factory, "qwen3_hd128", "Qwen3Config", "Qwen3ForCausalLM", seed=11,
+                  hidden_size=128, head_dim=128, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def llama_hd64_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conftest import LLAMA3_ROPE_SCALING, _build
+
+    return _build(tmp_path_factory, "llama_hd64", "LlamaConfig", "LlamaForCausalLM", seed=12, hidden_size=128,
+                  head_dim=64, num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE_SCALING)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def qwen2_hd64_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from conftest import _build
+
+    return _build(tmp_path_factory, "qwen2_hd64", "Qwen2Config", "Qwen2ForCausalLM", seed=13,
+                  hidden_size=128, head_dim=64, num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
 
 
 def LLM(path: str, **kw: object) -> _LLM:  # noqa: N802
@@ -73,7 +99,7 @@ def test_tiny_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest)
     assert gpu == cpu
 
 
-@pytest.mark.parametrize("fixture", ["stories_dir", *TINY])
+@pytest.mark.parametrize("fixture", FI)
 def test_fi_vs_torch_bf16(fixture: str, request: pytest.FixtureRequest) -> None:
     """bf16: FlashInfer and torch attention agree on logits within 2e-2 relative error, and
     the greedy tokens agree (ties in bf16 aside, none expected on these prompts)."""
@@ -83,10 +109,12 @@ def test_fi_vs_torch_bf16(fixture: str, request: pytest.FixtureRequest) -> None:
     b = LLM(path, device="cuda", dtype="bfloat16", attn="fi", cuda_graph_max_bs=0)
     la, lb = a.prefill_logits(ids), b.prefill_logits(ids)
     assert (la - lb).norm() / la.norm() < 2e-2
+    prompts = _prompts(8, 200, seed=3)
+    assert _greedy(a, prompts, 16) == _greedy(b, prompts, 16)
     print(f"{fixture}: fi vs torch bf16 rel err {((la - lb).norm() / la.norm()).item():.2e}")
 
 
-@pytest.mark.parametrize("fixture", ["stories_dir", *TINY])
+@pytest.mark.parametrize("fixture", ["stories_dir", *TINY, *FI])
 def test_bf16_logits_vs_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -95,7 +123,7 @@ def test_bf16_logits_vs_transformers(fixture: str, request: pytest.FixtureReques
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda().eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids], device="cuda")).logits[0].float().cpu()
-    for attn in ("torch", "fi"):
+    for attn in ("torch", "fi") if fixture in FI else ("torch",):
         ours = LLM(
             path, device="cuda", dtype="bfloat16", attn=attn, cuda_graph_max_bs=0
         ).prefill_logits(ids)

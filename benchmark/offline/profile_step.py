@@ -29,16 +29,27 @@ def main() -> None:
         model = tempfile.mkdtemp()
         shutil.copy(args.config_json, Path(model) / "config.json")
     prompts, out_lens = make_workload(
-        args.num_reqs, args.min_in, args.max_in, args.min_out, args.max_out, args.seed, args.max_token_id
+        args.num_reqs,
+        args.min_in,
+        args.max_in,
+        args.min_out,
+        args.max_out,
+        args.seed,
+        args.max_token_id,
     )
     kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     llm = LLM(model, dummy_weight=args.dummy_weight, **kwargs)
-    params = [SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True) for n in out_lens]
+    params = [
+        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
+        for n in out_lens
+    ]
     llm.generate(prompts[:32], params[:32], use_tqdm=False)  # warm-up
 
     sched = llm.scheduler
     step, n = sched.step, [0]
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    prof = torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    )
     times: list[tuple[bool, float]] = []
 
     def traced_step() -> None:
@@ -59,13 +70,17 @@ def main() -> None:
     llm.generate(prompts, params, use_tqdm=False)
     cp.disable()
     total = time.perf_counter() - t0
-    print(f"run: {sum(out_lens)} tokens in {total:.2f} s = {sum(out_lens) / total:,.0f} tok/s, {n[0]} steps")
+    print(
+        f"run: {sum(out_lens)} tokens in {total:.2f} s = {sum(out_lens) / total:,.0f} tok/s, {n[0]} steps"
+    )
     pre = [t for p, t in times if p]
     dec = [t for p, t in times if not p]
     print(f"prefill steps {len(pre)}: {sum(pre):.2f} s; decode steps {len(dec)}: {sum(dec):.2f} s "
           f"(mean {1e3 * sum(dec) / max(1, len(dec)):.2f} ms)")  # fmt: skip
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    pstats.Stats(cp).sort_stats("tottime").print_stats(30)
+    st = pstats.Stats(cp).sort_stats("tottime")
+    st.print_stats(25)
+    st.print_callers("compile")
 
 
 if __name__ == "__main__":

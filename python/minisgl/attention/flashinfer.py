@@ -106,7 +106,7 @@ class FlashInferBackend(AttentionBackend):
     def prepare_graph_capture(self, bs: int, meta: AttnMeta) -> None:
         dev = self.pool.k.device
         wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
             paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
