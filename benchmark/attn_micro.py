@@ -49,7 +49,7 @@ def main() -> None:
             for tc in (False, True):
                 w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
                 w.plan(indptr, indices, last, H, KV, D, ps, q_data_type=torch.bfloat16)
-                us = bench(lambda w=w: w.run(q, (k, v)))
+                us = bench(lambda w=w, q=q, k=k, v=v: w.run(q, (k, v)))
                 row += f"  decode{'TC' if tc else ''} {us:6.1f}us {gbytes / us * 1e3:4.2f}TB/s"
             for backend in ("fa2", "fa3"):
                 try:
@@ -67,7 +67,7 @@ def main() -> None:
                         causal=True,
                         q_data_type=torch.bfloat16,
                     )
-                    us = bench(lambda w=w: w.run(q, (k, v)))
+                    us = bench(lambda w=w, q=q, k=k, v=v: w.run(q, (k, v)))
                     row += f"  {backend} {us:6.1f}us {gbytes / us * 1e3:4.2f}TB/s"
                 except Exception as e:  # noqa: BLE001
                     row += f"  {backend} failed ({type(e).__name__})"
