@@ -216,7 +216,7 @@ def stream_completion(client, path: str = "/v1/completions", **body) -> list:
 
 # ---- 1. greedy completions equal LLM.generate ---------------------------------------------------
 def test_models_and_health(server, client):
-    assert server.seen_503 or True  # (the first polls may already see 200 on a fast machine)
+    assert server.seen_503  # /health answered 503 while the workers were loading
     assert client.get("/health").json() == {"status": "ok"}
     models = client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == str(MODEL)
