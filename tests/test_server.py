@@ -531,6 +531,13 @@ def test_disconnect_aborts(server, client):
             with c.stream("POST", "/v1/completions", json=body) as r:
                 lines = r.iter_lines()
                 next(lines)  # got one chunk, then drop the connection
+        for _ in range(2):  # non-streaming clients that give up
+            with pytest.raises(httpx.TimeoutException):
+                c.post(
+                    "/v1/completions",
+                    json={**body, "stream": False, "max_tokens": 500},
+                    timeout=0.3,
+                )
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:
         if metric("minisgl_num_running_reqs") == 0 and metric("minisgl_api_inflight_requests") == 0:
@@ -543,6 +550,8 @@ def test_disconnect_aborts(server, client):
                  "minisgl_inter_token_latency_seconds_bucket", "minisgl_generation_tokens_total",
                  "minisgl_prompt_tokens_total", "minisgl_http_requests_total"):  # fmt: skip
         assert name in text, name
+    aborted = re.search(r'^minisgl_request_finished_total\{reason="abort"\} (\S+)$', text, re.M)
+    assert aborted and float(aborted.group(1)) >= 6
     # every page still in use is held only by the prefix cache (reusable, evictable)
     assert metric("minisgl_kv_pages_used") <= metric("minisgl_kv_pages_cached")
 

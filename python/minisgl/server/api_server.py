@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -206,7 +207,19 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
             return StreamingResponse(
                 stream_body, media_type="text/event-stream", headers=SSE_HEADERS
             )
-        await gen.collect(request.is_disconnected)
+        # non-streaming: run to the end unless the client hangs up first
+        work = asyncio.ensure_future(gen.collect())
+        hangup = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not work.done():
+                work.cancel()  # client gone (or we were cancelled): abort in the scheduler
+                gen.abort()
+        if not work.done() or work.cancelled():
+            raise ApiError(499, "client disconnected")
+        work.result()  # raises the ApiError of a failed request
         return JSONResponse(full_body())
 
     @app.get("/health")
@@ -318,6 +331,11 @@ class _NativeView:
         self.temperature, self.top_p, self.top_k = sp.temperature, sp.top_p, sp.top_k
         self.ignore_eos, self.seed = sp.ignore_eos, sp.seed
         self.stop_token_ids = sp.stop_token_ids
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(req: Any) -> bool:

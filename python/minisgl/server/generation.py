@@ -142,17 +142,11 @@ class Generation:
         finally:
             self.abort()
 
-    async def collect(self, is_disconnected: Any = None) -> list[Choice]:
-        """Run to completion (non-streaming); abort if the client goes away meanwhile."""
+    async def collect(self) -> list[Choice]:
+        """Run to completion (non-streaming). Cancelling it aborts the requests."""
         try:
             while not self.finished:
-                try:
-                    item = await asyncio.wait_for(self._next(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if is_disconnected is not None and await is_disconnected():
-                        raise ApiError(499, "client disconnected") from None
-                    continue
-                self._process(*item)
+                self._process(*await self._next())
             return self.choices
         finally:
             self.abort()
