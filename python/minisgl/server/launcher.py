@@ -19,6 +19,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -74,7 +75,12 @@ class Workers:
 
     def __init__(self, args: ServerArgs) -> None:
         self.dir = tempfile.mkdtemp(prefix="minisgl-")
-        self.args = args.replace(zmq_dir=self.dir)
+        dist_port = args.dist_port
+        if args.tp > 1 and not dist_port:  # torch.distributed rendezvous of the TP ranks
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                dist_port = sock.getsockname()[1]
+        self.args = args.replace(zmq_dir=self.dir, dist_port=dist_port)
         self.procs: dict[str, Any] = {}
         self.stopping = False
 
