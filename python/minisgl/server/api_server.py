@@ -275,9 +275,8 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         check_model(req.model)
         info = bridge.tokenizer_info
         if not info.get("has_chat_template", True):
-            raise ApiError(
-                400, NO_TEMPLATE if info.get("has_tokenizer") else "no tokenizer: use token ids"
-            )
+            no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
+            raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
         try:
             messages = [m.render() for m in req.messages]
         except ValueError as e:
