@@ -181,17 +181,6 @@ def llm():
     engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def llm_logits():
-    """An engine for prefill_logits(): with --cache naive, as prefill_logits() currently trips
-    over the radix cache's handle bookkeeping."""
-    from minisgl import LLM
-
-    engine = LLM(str(MODEL), device="cpu", dtype="float32", cache="naive")
-    yield engine
-    engine.shutdown()
-
-
 def greedy(llm, prompts, max_tokens: int, chat_ids: bool = False) -> list[str]:
     from minisgl import SamplingParams
 
@@ -372,7 +361,7 @@ def test_stop_strings(client, llm):
     )
 
 
-def test_logprobs_match_engine_logits(client, llm, llm_logits):
+def test_logprobs_match_engine_logits(client, llm):
     import torch
 
     prompt_ids = llm.tokenizer.encode(PROMPT)
@@ -385,7 +374,7 @@ def test_logprobs_match_engine_logits(client, llm, llm_logits):
                                            "sampling_params": {"max_new_tokens": 12, "temperature": temperature,
                                                                "seed": 5}})  # fmt: skip
         out_ids = r.json()["output_ids"]
-        logits = llm_logits.prefill_logits(prompt_ids + out_ids)
+        logits = llm.prefill_logits(prompt_ids + out_ids)
         ref = torch.log_softmax(logits.double(), dim=-1)
         assert len(lp["token_logprobs"]) == len(out_ids)
         for k, tid in enumerate(out_ids):
