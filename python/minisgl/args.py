@@ -106,7 +106,7 @@ _HELP = {
     "tp": "tensor-parallel size (one scheduler process per rank)",
     "cache": "prefix cache: radix (reuse shared prefixes) or naive (no reuse)",
     "max_prefill_length": "token budget of one prefill step; longer prompts are chunked",
-    "page_size": "tokens per KV page (0 = 1 on CPU, 16 on GPU)",
+    "page_size": "tokens per KV page (0 = 1 on CPU, 64 on GPU)",
     "attn": "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi",
     "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (-1 auto, 0 off)",
     "max_running_requests": "cap on requests decoding at once",

@@ -50,7 +50,7 @@ class Engine:
         check_architecture(self.cfg)
         self.dtype = self._resolve_dtype()
         self.max_seq_len = args.max_seq_len or self.cfg.max_position_embeddings
-        self.page_size = args.page_size or (1 if self.device == "cpu" else 16)
+        self.page_size = args.page_size or (1 if self.device == "cpu" else 64)
         self.max_reqs = args.max_running_requests
 
         with torch.device(self.device):
