@@ -1,0 +1,155 @@
+"""Helpers shared by the stress suite (issue 9): real `python -m minisgl` servers on CPU with
+stories260K, /metrics parsing and OpenAI error-shape checks. Skipped when the model is absent."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = REPO.parent / "shared" / "models" / "stories260K"
+PROMPT = "Once upon a time"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant of pid (via /proc/<pid>/task/*/children, recursively)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            for k in kids:
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+class Server:
+    def __init__(self, tmp: Path, *flags: str, host: str | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "minisgl", "--model", str(MODEL), "--device", "cpu"]
+        cmd += ["--dtype", "float32", "--port", str(self.port), *flags]
+        if host:
+            cmd += ["--host", host]
+        self.proc = subprocess.Popen(
+            cmd, stdout=open(self.log, "w"), stderr=subprocess.STDOUT, cwd=REPO
+        )
+        self.all_pids: set[int] = set()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"server exited early:\n{self.log.read_text()[-3000:]}"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"not ready in {timeout}s:\n{self.log.read_text()[-3000:]}")
+        self.all_pids = descendants(self.proc.pid)
+
+    def worker_pid(self, name: str) -> int:
+        """pid of a worker by its process name (/proc/PID/comm), e.g. minisgl:sched0."""
+        for pid in descendants(self.proc.pid):
+            if comm(pid) == name:
+                return pid
+        raise AssertionError(f"no worker named {name}: {[comm(p) for p in self.all_pids]}")
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        out = {}
+        for m in re.finditer(r"^(minisgl_[a-z_]+) (\S+)$", text, re.M):
+            out[m.group(1)] = float(m.group(2))
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for pid in descendants(self.proc.pid) | self.all_pids:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def start_server(tmp_path_factory, *flags: str, host: str | None = None) -> Server:
+    s = Server(tmp_path_factory.mktemp("srv"), *flags, host=host)
+    try:
+        s.wait_ready()
+    except BaseException:
+        s.stop()
+        raise
+    return s
+
+
+def busy_pages(m: dict[str, float]) -> float:
+    """KV pages held by requests (pages held only by the prefix cache are reusable)."""
+    return m["minisgl_kv_pages_used"] - m["minisgl_kv_pages_cached"]
+
+
+def wait_idle(server: Server, idle_busy: float, within: float) -> tuple[float, dict]:
+    """Poll /metrics until no request runs and busy pages are back to idle; returns (s, metrics)."""
+    t0 = time.monotonic()
+    while True:
+        m = server.metrics()
+        ok = (
+            m.get("minisgl_num_running_reqs") == 0
+            and m.get("minisgl_num_waiting_reqs", 0) == 0
+            and m.get("minisgl_api_inflight_requests", 0) == 0
+            and busy_pages(m) == idle_busy
+        )
+        if ok or time.monotonic() - t0 > within:
+            return time.monotonic() - t0, m
+        time.sleep(0.05)
+
+
+def shaped_error(r: httpx.Response) -> dict:
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
+    return err

@@ -1,0 +1,58 @@
+"""Load: 500 concurrent streaming requests all get the exact greedy text; afterwards no request
+runs and the KV pages held by requests are back to the idle value."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+from stress_helpers import busy_pages, wait_idle
+
+N = 500
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben", "One day a bird", "The sun"]
+
+
+def test_500_concurrent_streams(server):
+    idle = busy_pages(server.metrics())
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        expected = {}
+        for p in PROMPTS:
+            r = c.post("/v1/completions", json={"prompt": p, "max_tokens": 32, "temperature": 0})
+            assert r.status_code == 200, r.text
+            expected[p] = r.json()["choices"][0]["text"]
+
+    async def one(ac: httpx.AsyncClient, p: str) -> tuple[str, float]:
+        t0 = time.monotonic()
+        body = {"prompt": p, "max_tokens": 32, "temperature": 0, "stream": True}
+        text = ""
+        async with ac.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        return text, time.monotonic() - t0
+
+    async def main():
+        limits = httpx.Limits(max_connections=N + 10, max_keepalive_connections=N + 10)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as ac:
+            return await asyncio.gather(*(one(ac, PROMPTS[i % len(PROMPTS)]) for i in range(N)))
+
+    t0 = time.monotonic()
+    results = asyncio.run(main())
+    total = time.monotonic() - t0
+    wrong = [
+        i for i, (text, _) in enumerate(results) if text != expected[PROMPTS[i % len(PROMPTS)]]
+    ]
+    assert not wrong, f"{len(wrong)} wrong texts, e.g. {results[wrong[0]][0]!r}"
+    waited, m = wait_idle(server, idle, within=5)
+    assert m["minisgl_num_running_reqs"] == 0, m
+    assert busy_pages(m) == idle, m
+    lat = sorted(d for _, d in results)
+    p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
+    print(
+        f"\nLOAD: {N} streams x 32 tokens in {total:.2f}s = {N / total:.1f} req/s, "
+        f"{N * 32 / total:.0f} tok/s; latency p50 {p50:.2f}s p99 {p99:.2f}s; "
+        f"idle again after {waited:.2f}s (busy pages {busy_pages(m):.0f}, idle {idle:.0f})"
+    )
