@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import faulthandler
 import json
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -135,6 +137,7 @@ def run_once(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     from minisgl import LLM, SamplingParams
 
     tmpdir = None

@@ -10,6 +10,7 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from ..distributed import get_tp_info
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from ..layers.fused import fused_ops
 from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
@@ -60,7 +61,11 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        fi = fused_ops(gate_up)
+        if fi is not None:
+            return self.down_proj(fi.activation.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -1,0 +1,30 @@
+"""FlashInfer's fused RMSNorm / add+RMSNorm / SiLU-and-mul / RoPE for 16-bit CUDA tensors.
+
+Each replaces a chain of small torch kernels (the profile of a decode step is dominated by
+them after attention); CPU and float32 keep the torch code, which the GPU tests compare to."""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+
+@functools.cache
+def _flashinfer() -> ModuleType | None:
+    if os.environ.get("MINISGL_DISABLE_FUSED"):
+        return None
+    try:
+        import flashinfer
+    except ImportError:
+        return None
+    return flashinfer
+
+
+def fused_ops(x: torch.Tensor) -> ModuleType | None:
+    """FlashInfer when `x` can use its kernels, else None (take the torch path)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    return _flashinfer()
