@@ -23,8 +23,11 @@ def _flashinfer() -> ModuleType | None:
     return flashinfer
 
 
-def fused_ops(x: torch.Tensor) -> ModuleType | None:
-    """FlashInfer when `x` can use its kernels, else None (take the torch path)."""
+def fused_ops(x: torch.Tensor, dims: tuple[int, ...] = (8, 16, 32, 64)) -> ModuleType | None:
+    """FlashInfer when `x` can use its kernels, else None (take the torch path). The kernels
+    move 16-byte vectors, so the last dimension must be a multiple of 8 (`dims` narrows it)."""
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if not any(x.shape[-1] % d == 0 for d in dims) or x.shape[-1] < min(dims):
         return None
     return _flashinfer()
