@@ -23,11 +23,9 @@ def _flashinfer() -> ModuleType | None:
     return flashinfer
 
 
-def fused_ops(x: torch.Tensor, dims: tuple[int, ...] = (8, 16, 32, 64)) -> ModuleType | None:
+def fused_ops(x: torch.Tensor, multiple: int = 8) -> ModuleType | None:
     """FlashInfer when `x` can use its kernels, else None (take the torch path). The kernels
-    move 16-byte vectors, so the last dimension must be a multiple of 8 (`dims` narrows it)."""
-    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    if not any(x.shape[-1] % d == 0 for d in dims) or x.shape[-1] < min(dims):
+    move 16-byte vectors, so the last dimension must be a multiple of 8 (or of `multiple`)."""
+    if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16) or x.shape[-1] % multiple:
         return None
     return _flashinfer()
