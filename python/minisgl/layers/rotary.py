@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fused import fused_ops
+
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     # float32 like transformers, so positions far out round the same way
@@ -36,14 +38,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
-        # [max_pos, head_dim]: cos in the first half, sin in the second
-        self.register_buffer(
-            "cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False
-        )
+        # [max_pos, head_dim]: cos in the first half, sin in the second. A plain attribute, not
+        # a buffer, so that casting the model to 16 bits leaves it float32
+        self.cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
     def forward(
         self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fi = fused_ops(q, multiple=64)  # FlashInfer's RoPE: head_dim 64, 128, 256, 512
+        if fi is not None:  # rotates q and k in place
+            n, d = q.shape[0], q.shape[-1]
+            fi.rope.apply_rope_with_cos_sin_cache_inplace(
+                pos, q.view(n, -1), k.view(n, -1), d, self.cos_sin
+            )
+            return q, k
         cos, sin = self.cos_sin[pos].unsqueeze(1).chunk(2, dim=-1)  # [T, 1, d/2]
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 

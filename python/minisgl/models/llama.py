@@ -62,7 +62,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        fi = fused_ops(gate_up, dims=(16,))  # both halves in whole 16-byte vectors
+        fi = fused_ops(gate_up, multiple=16)  # both halves in whole 16-byte vectors
         if fi is not None:
             return self.down_proj(fi.activation.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
