@@ -55,6 +55,9 @@ class Engine:
 
         with torch.device(self.device):
             self.model = create_model(self.cfg, self.max_seq_len).to(self.dtype)
+        # 16-bit models see 16-bit-rounded rotary tables, as in the reference implementation
+        rope = self.model.model.layers[0].self_attn.rope
+        rope.cos_sin = rope.cos_sin.to(self.dtype).float()
         if args.dummy_weight:
             init_dummy_weights(self.model, args.seed)
         else:
