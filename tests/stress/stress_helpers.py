@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = REPO.parent / "shared" / "models" / "stories260K"
@@ -118,6 +119,8 @@ class Server:
 
 
 def start_server(tmp_path_factory, *flags: str, host: str | None = None) -> Server:
+    if not MODEL.exists():
+        pytest.skip(f"{MODEL} not found")
     s = Server(tmp_path_factory.mktemp("srv"), *flags, host=host)
     try:
         s.wait_ready()
@@ -153,3 +156,12 @@ def shaped_error(r: httpx.Response) -> dict:
     assert set(err) == {"message", "type", "param", "code"}, err
     assert isinstance(err["message"], str) and err["message"] and isinstance(err["type"], str)
     return err
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server per test module (imported by the modules that use it: a conftest.py here
+    would shadow tests/conftest.py for `from conftest import ...`)."""
+    s = start_server(tmp_path_factory, "--max-request-bytes", "1000000")
+    yield s
+    s.stop()

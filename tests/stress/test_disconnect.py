@@ -7,7 +7,7 @@ import asyncio
 import time
 
 import httpx
-from stress_helpers import PROMPT, busy_pages, wait_idle
+from stress_helpers import PROMPT, busy_pages, server, wait_idle  # noqa: F401 (fixture)
 
 N = 100
 

@@ -11,7 +11,7 @@ from collections import Counter
 import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stress_helpers import PROMPT, shaped_error
+from stress_helpers import PROMPT, server, shaped_error  # noqa: F401 (fixture)
 
 TIMEOUT = 20.0  # per request: a hang fails the test
 COMP, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"

@@ -8,7 +8,7 @@ import json
 import time
 
 import httpx
-from stress_helpers import busy_pages, wait_idle
+from stress_helpers import busy_pages, server, wait_idle  # noqa: F401 (fixture)
 
 N = 500
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben", "One day a bird", "The sun"]

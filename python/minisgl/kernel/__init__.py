@@ -62,15 +62,21 @@ def _cuda_module():  # noqa: ANN202
     except ImportError:
         log.warning("apache-tvm-ffi not installed: using torch fallbacks for custom kernels")
         return None
-    return tvm_ffi.cpp.load_inline("minisgl_kernels", cuda_sources=_STORE_KV_CUDA, functions=["store_kv"])
+    return tvm_ffi.cpp.load_inline(
+        "minisgl_kernels", cuda_sources=_STORE_KV_CUDA, functions=["store_kv"]
+    )
 
 
-def store_kv_torch(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def store_kv_torch(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     k_buf[loc] = k
     v_buf[loc] = v
 
 
-def store_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def store_kv(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Scatter the new tokens' K/V (`[T, KV, D]`) into the pool at slots `loc` (`[T]`)."""
     mod = _cuda_module() if k.is_cuda else None
     if mod is None:
