@@ -124,6 +124,10 @@ def start_server(tmp_path_factory, *flags: str, host: str | None = None) -> Serv
     s = Server(tmp_path_factory.mktemp("srv"), *flags, host=host)
     try:
         s.wait_ready()
+        # the KV gauges appear with the scheduler's first Stats message (every 0.5 s)
+        deadline = time.monotonic() + 10
+        while "minisgl_kv_pages_used" not in s.metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
     except BaseException:
         s.stop()
         raise
