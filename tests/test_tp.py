@@ -224,3 +224,14 @@ def test_rank_death_brings_server_down(servers):
     time.sleep(0.2)
     left = [p for p in s.all_pids | descendants(s.proc.pid) if alive(p)]
     assert not left, f"orphans after rank death: {left}"
+
+
+def test_tp_more_than_gpus_fails_at_start() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "minisgl", "--model", "unused", "--device", "cuda", "--tp", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert "--tp 64 needs 64 GPUs" in r.stderr and "Traceback" not in r.stderr

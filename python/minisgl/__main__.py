@@ -21,6 +21,16 @@ def _parse(argv: list[str] | None):
         if lines:
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
+    if args.tp > 1 and args.resolved_device == "cuda":
+        import torch
+
+        if args.tp > torch.cuda.device_count():
+            print(
+                f"python -m minisgl: error: --tp {args.tp} needs {args.tp} GPUs, "
+                f"{torch.cuda.device_count()} visible",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
     if args.chat_template and not os.path.isfile(args.chat_template):
         print(
             f"python -m minisgl: error: --chat-template {args.chat_template!r} is not a file",

@@ -8,7 +8,7 @@ import json
 import time
 
 import httpx
-from stress_helpers import busy_pages, server, wait_idle  # noqa: F401 (fixture)
+from stress_helpers import busy_pages, descendants, server, wait_idle  # noqa: F401 (fixture)
 
 N = 500
 PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben", "One day a bird", "The sun"]
@@ -39,6 +39,7 @@ def test_500_concurrent_streams(server):
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as ac:
             return await asyncio.gather(*(one(ac, PROMPTS[i % len(PROMPTS)]) for i in range(N)))
 
+    rss_before = _rss_mb(server.proc.pid)
     t0 = time.monotonic()
     results = asyncio.run(main())
     total = time.monotonic() - t0
@@ -49,10 +50,26 @@ def test_500_concurrent_streams(server):
     waited, m = wait_idle(server, idle, within=5)
     assert m["minisgl_num_running_reqs"] == 0, m
     assert busy_pages(m) == idle, m
+    rss_after = _rss_mb(server.proc.pid)
+    # allocators keep some freed memory: a leak of per-request state would grow far beyond this
+    assert rss_after < rss_before * 1.25 + 100, (rss_before, rss_after)
     lat = sorted(d for _, d in results)
     p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
     print(
         f"\nLOAD: {N} streams x 32 tokens in {total:.2f}s = {N / total:.1f} req/s, "
         f"{N * 32 / total:.0f} tok/s; latency p50 {p50:.2f}s p99 {p99:.2f}s; "
-        f"idle again after {waited:.2f}s (busy pages {busy_pages(m):.0f}, idle {idle:.0f})"
+        f"idle again after {waited:.2f}s (busy pages {busy_pages(m):.0f}, idle {idle:.0f}); "
+        f"server RSS {rss_before:.0f} -> {rss_after:.0f} MB"
     )
+
+
+def _rss_mb(pid: int) -> float:
+    """Resident memory of the server: the launcher and every worker process."""
+    total = 0
+    for p in {pid} | descendants(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
