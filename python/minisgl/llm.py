@@ -1,10 +1,18 @@
-"""`minisgl.LLM`: offline batch generation. It drives a Scheduler in-process (no ZMQ)."""
+"""`minisgl.LLM`: offline batch generation.
+
+With tp=1 it drives a Scheduler in-process (no ZMQ). With tp=N>1 it starts the server's worker
+processes (one scheduler per rank, detokenizer, tokenizer workers) and talks to them over ZMQ
+like the API server does (server/client.py); call it under `if __name__ == "__main__":` then,
+as the workers are spawned.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
+import weakref
 
 import torch
 from tqdm import tqdm
@@ -12,7 +20,7 @@ from tqdm import tqdm
 from .args import ServerArgs
 from .core import SamplingParams
 from .engine.engine import Engine
-from .messages import TokenOut
+from .messages import ErrorOut, TextOut, TokenOut
 from .scheduler.scheduler import Scheduler
 from .tokenizer import load_tokenizer
 
@@ -26,16 +34,29 @@ class LLM:
         if device == "auto" and not torch.cuda.is_available():
             print("minisgl: no GPU visible, running on CPU (float32)")
         self.args = ServerArgs(model=model_path, device=device, dtype=dtype, **options)
-        if self.args.tp != 1:
-            raise ValueError(
-                "LLM runs one process; use the server (python -m minisgl --tp N) for tensor parallelism"
-            )
+        self.client = None
+        if self.args.tp > 1:
+            self._init_workers()
+            return
         self.engine = Engine(self.args)
         self.tokenizer = load_tokenizer(self.engine.model_path, self.args.chat_template)
         self._outputs: dict[int, list[int]] = {}
         self._done: set[int] = set()
         self.scheduler = Scheduler(self.engine, self.args, self._collect)
         self._uids = itertools.count()
+
+    def _init_workers(self) -> None:
+        from .models.weights import resolve_model_path
+        from .server.client import WorkerClient
+
+        self.engine = self.scheduler = None  # type: ignore[assignment]
+        if self.args.log_level == "info":  # the default: keep the workers' logs quiet
+            self.args = self.args.replace(log_level="warning")
+        self.tokenizer = load_tokenizer(
+            resolve_model_path(self.args.model), self.args.chat_template
+        )
+        self.client = WorkerClient(self.args)
+        self._finalizer = weakref.finalize(self, self.client.close)
 
     def _collect(self, msg: TokenOut) -> None:
         for uid, tok, fin in zip(msg.uids, msg.tokens, msg.finished):
@@ -64,6 +85,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if self.client is not None:
+            return self._generate_tp(prompts, params, use_tqdm)
         uids = []
         for prompt, p in zip(prompts, params):
             uid = next(self._uids)
@@ -99,12 +122,60 @@ class LLM:
             results.append({"text": text, "token_ids": ids})
         return results
 
+    def _generate_tp(
+        self, prompts: list, params: list[SamplingParams], use_tqdm: bool
+    ) -> list[dict[str, object]]:
+        """Submit every request to the workers at once; gather the TextOut deltas per uid."""
+        c = self.client
+        if c is None or c.closed:
+            raise RuntimeError("this LLM has been shut down")
+        if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
+            raise ValueError(
+                "this model directory has no tokenizer: pass token-id lists as prompts"
+            )
+        uids = [c.submit(p if isinstance(p, str) else list(p), dataclasses.asdict(sp))
+                for p, sp in zip(prompts, params)]  # fmt: skip
+        outputs: dict[int, list[int]] = {u: [] for u in uids}
+        pending = set(uids)
+        bar = tqdm(total=len(uids), desc="Generating", disable=not use_tqdm, unit="req")
+        start, toks = time.perf_counter(), 0
+        try:
+            while pending:
+                msg = c.recv()
+                if not isinstance(msg, TextOut | ErrorOut) or msg.uid not in pending:
+                    continue  # Stats, or a late message of a request aborted earlier
+                if isinstance(msg, ErrorOut):
+                    pending.discard(msg.uid)
+                    c.done(msg.uid)
+                    raise ValueError(msg.message)
+                outputs[msg.uid] += msg.token_ids
+                toks += len(msg.token_ids)
+                if msg.finished is not None:
+                    pending.discard(msg.uid)
+                    c.done(msg.uid)
+                    bar.set_postfix_str(
+                        f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
+                    )
+                    bar.update(1)
+        finally:
+            bar.close()
+            for u in pending:  # an error or an interrupt: drop the rest of the batch
+                c.abort(u)
+        results = []
+        for u in uids:
+            ids = outputs[u]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+            results.append({"text": text, "token_ids": ids})
+        return results
+
     @torch.inference_mode()
     def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits at every position of one prompt, through the engine's own prefill
         (no prefix cache), for correctness tests."""
         from .core import Batch, Req
 
+        if self.client is not None:
+            raise ValueError("prefill_logits needs tp=1")
         mem = self.scheduler.mem
         req = Req(-1, list(token_ids), SamplingParams(max_tokens=1))
         req.device_len = len(token_ids) + 1  # match nothing: compute every position
@@ -121,9 +192,12 @@ class LLM:
             mem.release(req)
 
     def shutdown(self) -> None:
-        """Drop the engine and give its device memory back."""
+        """Drop the engine and give its device memory back (tp>1: stop every worker process)."""
         import gc
 
+        if self.client is not None:
+            self._finalizer()  # WorkerClient.close, once; also run at GC and at exit
+            return
         self.scheduler = None  # type: ignore[assignment]
         self.engine = None  # type: ignore[assignment]
         gc.collect()

@@ -1,0 +1,131 @@
+"""A minimal synchronous client of the worker processes, for `minisgl.LLM(..., tp=N>1)`.
+
+It starts the server's workers (launcher.Workers: scheduler ranks, detokenizer, tokenizer
+workers) and plays the API server's role over the same ZMQ ipc sockets and msgpack messages
+(see bridge.py): TokenizeReq/AbortReq to the tokenizer workers, AbortReq to the detokenizer,
+TextOut/ErrorOut back on `api`, Ready on `launcher`. Shutdown goes straight to scheduler0,
+which broadcasts it so every rank leaves its loop (no rank is left blocked in a collective).
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing.util  # noqa: F401  (its atexit hook must be registered before ours)
+import time
+from typing import Any
+
+import zmq
+
+from minisgl.args import ServerArgs
+from minisgl.messages import AbortReq, Ready, Shutdown, TokenizeReq, decode, encode
+
+from .launcher import Workers
+
+POLL_MS = 200
+STARTUP_TIMEOUT_S = 600.0
+
+
+class WorkerDied(RuntimeError):
+    pass
+
+
+class WorkerClient:
+    def __init__(self, args: ServerArgs) -> None:
+        self.workers = Workers(args)
+        self.args = a = self.workers.args
+        self.ctx = zmq.Context()
+        self.closed = False
+        atexit.register(self.close)  # before multiprocessing's hook, which joins the children
+        try:
+            self.pull = self._socket(zmq.PULL, "api", bind=True)
+            self.ready_pull = self._socket(zmq.PULL, "launcher", bind=True)
+            self.tok_push = [
+                self._socket(zmq.PUSH, f"tokenizer-{i}") for i in range(a.num_tokenizer)
+            ]
+            self.detok_push = self._socket(zmq.PUSH, "detokenizer")
+            self.sched_push = self._socket(zmq.PUSH, "scheduler")
+            self.workers.start()
+            self.info: dict[str, Any] = {}
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.next_uid = 1
+        self.worker_of: dict[int, int] = {}
+
+    def _socket(self, kind: int, name: str, bind: bool = False) -> Any:
+        s = self.ctx.socket(kind)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, 0)
+        addr = f"ipc://{self.args.zmq_dir}/{name}"
+        s.bind(addr) if bind else s.connect(addr)
+        return s
+
+    def check_alive(self) -> None:
+        reason = self.workers.first_dead()
+        if reason is not None:
+            raise WorkerDied(f"{reason} (its log is above)")
+
+    def _wait_ready(self) -> None:
+        """Ready from every worker; the scheduler's config goes on to every tokenizer worker."""
+        a = self.args
+        expected = {f"scheduler{r}" for r in range(a.tp)} | {"detokenizer"}
+        expected |= {f"tokenizer-{i}" for i in range(a.num_tokenizer)}
+        ready: set[str] = set()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not expected <= ready:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise WorkerDied(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
+            if not self.ready_pull.poll(POLL_MS):
+                continue
+            msg = decode(self.ready_pull.recv())
+            if not isinstance(msg, Ready):
+                continue
+            if msg.name in ("scheduler", "scheduler0"):
+                self.info = dict(msg.info)
+                for s in self.tok_push:
+                    s.send(encode(Ready("config", self.info)))
+            ready.add("scheduler0" if msg.name == "scheduler" else msg.name)
+
+    def submit(self, prompt: str | list[int], params: dict[str, Any]) -> int:
+        uid, self.next_uid = self.next_uid, self.next_uid + 1
+        w = self.worker_of[uid] = uid % len(self.tok_push)
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params)))
+        return uid
+
+    def abort(self, uid: int) -> None:
+        w = self.worker_of.pop(uid, None)
+        if w is not None and not self.closed:  # same pipe as the request: never overtakes it
+            self.tok_push[w].send(encode(AbortReq(uid)))
+            self.detok_push.send(encode(AbortReq(uid)))
+
+    def done(self, uid: int) -> None:
+        self.worker_of.pop(uid, None)
+
+    def recv(self) -> Any:
+        """The next message on `api` (TextOut / ErrorOut / Stats); raises if a worker died."""
+        while not self.pull.poll(POLL_MS):
+            self.check_alive()
+        return decode(self.pull.recv())
+
+    def close(self) -> None:
+        """Stop every worker (idempotent; safe from atexit and finalizers)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
+        try:
+            if self.workers.procs and self.workers.first_dead() is None:
+                self.sched_push.send(encode(Shutdown()))
+                deadline = time.monotonic() + 2.0
+                for r in range(self.args.tp):
+                    p = self.workers.procs.get(f"scheduler{r}")
+                    if p is not None:
+                        p.join(max(0.0, deadline - time.monotonic()))
+        except Exception:
+            pass
+        finally:
+            self.ctx.destroy(linger=0)
+            self.workers.stop()
