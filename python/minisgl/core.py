@@ -49,13 +49,6 @@ class SamplingParams:
         if not isinstance(self.logprobs, int) or not (-1 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [-1, 20], got {self.logprobs!r}")
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class FinishReason(str, Enum):
     STOP = "stop"  # EOS or a stop token / string
@@ -84,7 +77,6 @@ class Req:
     cache_handle: Any = None
     finished: bool = False
     finish_reason: FinishReason | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)
@@ -97,14 +89,6 @@ class Req:
     @property
     def num_outputs(self) -> int:
         return len(self.token_ids) - self.prompt_len
-
-    @property
-    def extend_len(self) -> int:
-        return self.device_len - self.cached_len
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len :]
 
 
 @dataclass
@@ -123,7 +107,3 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.reqs)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.extend_lens)

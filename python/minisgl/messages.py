@@ -12,8 +12,6 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from .core import SamplingParams
-
 
 @dataclass
 class TokenizeReq:
@@ -35,10 +33,6 @@ class UserReq:
     uid: int
     input_ids: list[int]
     params: dict[str, Any]
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(**self.params)
 
 
 @dataclass
@@ -96,11 +90,6 @@ class Ready:
 
 
 @dataclass
-class StatsReq:
-    TAG: ClassVar[int] = 8
-
-
-@dataclass
 class Stats:
     """Scheduler -> API server: counters for /metrics."""
 
@@ -114,16 +103,7 @@ class Shutdown:
 
 
 Message = (
-    TokenizeReq
-    | UserReq
-    | AbortReq
-    | TokenOut
-    | TextOut
-    | ErrorOut
-    | Ready
-    | StatsReq
-    | Stats
-    | Shutdown
+    TokenizeReq | UserReq | AbortReq | TokenOut | TextOut | ErrorOut | Ready | Stats | Shutdown
 )
 _BY_TAG: dict[int, type] = {
     c.TAG: c
@@ -135,7 +115,6 @@ _BY_TAG: dict[int, type] = {
         TextOut,
         ErrorOut,
         Ready,
-        StatsReq,
         Stats,
         Shutdown,
     )
