@@ -107,3 +107,7 @@ class Batch:
     @property
     def size(self) -> int:
         return len(self.reqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
