@@ -1,12 +1,8 @@
 """`python -m minisgl --model DIR --shell`: an interactive chat in the terminal.
 
-The shell starts the same worker processes as the HTTP server (launcher.Workers: schedulers,
-detokenizer, tokenizer workers) and plays the API server's role itself, over the same ZMQ ipc
-sockets and msgpack messages, without HTTP:
-  api        PULL, bound here: TextOut / ErrorOut from the detokenizer and tokenizer workers
-  launcher   PULL, bound here: Ready from every worker
-  tokenizer-0  PUSH: TokenizeReq, and AbortReq (same pipe, so it never overtakes its request)
-  detokenizer  PUSH: AbortReq, so the detokenizer frees its state at once
+The shell starts the same worker processes as the HTTP server and plays the API server's role
+itself through server.client.WorkerClient (the same ZMQ ipc sockets and msgpack messages,
+without HTTP).
 
 A model with a chat template (or --chat-template) chats: the history is a list of messages
 rendered by the template. A base model without one runs in plain-continuation mode: the prompt
@@ -26,106 +22,12 @@ import time
 from typing import Any
 
 from minisgl.args import ServerArgs
-from minisgl.messages import AbortReq, ErrorOut, Ready, TextOut, TokenizeReq, decode, encode
+from minisgl.messages import ErrorOut
+from minisgl.server.client import WorkerClient, WorkerDied
 
 logger = logging.getLogger("minisgl.shell")
 
-POLL_MS = 200
-STARTUP_TIMEOUT_S = 600.0
 HELP = "commands: /reset clears the history, /exit or /quit (or Ctrl-D) leaves"
-
-
-class WorkerDied(RuntimeError):
-    pass
-
-
-class Client:
-    """Synchronous counterpart of server.bridge.Bridge: one request at a time."""
-
-    def __init__(self, args: ServerArgs, workers: Any) -> None:
-        import zmq
-
-        self.zmq = zmq
-        self.args = args
-        self.workers = workers
-        d = args.zmq_dir
-        self.ctx = zmq.Context()
-        self.pull = self._socket(zmq.PULL, f"ipc://{d}/api", bind=True)
-        self.ready_pull = self._socket(zmq.PULL, f"ipc://{d}/launcher", bind=True)
-        self.tok_push = self._socket(zmq.PUSH, f"ipc://{d}/tokenizer-0")
-        self.detok_push = self._socket(zmq.PUSH, f"ipc://{d}/detokenizer")
-        self.info: dict[str, Any] = {}
-        self.tokenizer_info: dict[str, Any] = {}
-        self.next_uid = 1
-
-    def _socket(self, kind: int, addr: str, bind: bool = False) -> Any:
-        zmq = self.zmq
-        s = self.ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, 0)
-        s.bind(addr) if bind else s.connect(addr)
-        return s
-
-    def close(self) -> None:
-        self.ctx.destroy(linger=0)
-
-    def _check_alive(self) -> None:
-        reason = self.workers.first_dead()
-        if reason is not None:
-            raise WorkerDied(reason)
-
-    def wait_ready(self) -> None:
-        """Collect Ready from every worker; forward the scheduler's config to the tokenizers."""
-        a = self.args
-        expected = {f"scheduler{r}" for r in range(a.tp)} | {"detokenizer"}
-        expected |= {f"tokenizer-{i}" for i in range(a.num_tokenizer)}
-        ready: set[str] = set()
-        # every tokenizer worker needs the config, though the shell only uses tokenizer-0
-        pushes = [self.tok_push] + [
-            self._socket(self.zmq.PUSH, f"ipc://{a.zmq_dir}/tokenizer-{i}")
-            for i in range(1, a.num_tokenizer)
-        ]
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not expected <= ready:
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise WorkerDied(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
-            if not self.ready_pull.poll(POLL_MS):
-                continue
-            msg = decode(self.ready_pull.recv())
-            if not isinstance(msg, Ready):
-                continue
-            name = "scheduler0" if msg.name == "scheduler" else msg.name
-            if name == "scheduler0":
-                self.info = dict(msg.info)
-                config = encode(Ready("config", self.info))
-                for s in pushes:
-                    s.send(config)
-            elif name.startswith("tokenizer-"):
-                self.tokenizer_info = dict(msg.info)
-            ready.add(name)
-
-    def submit(self, prompt: str, params: dict[str, Any], chat: bool) -> int:
-        uid, self.next_uid = self.next_uid, self.next_uid + 1
-        self.tok_push.send(encode(TokenizeReq(uid, prompt, None, params, chat)))
-        return uid
-
-    def abort(self, uid: int) -> None:
-        self.tok_push.send(encode(AbortReq(uid)))
-        self.detok_push.send(encode(AbortReq(uid)))
-
-    def results(self, uid: int):
-        """Yield the TextOut / ErrorOut messages of request `uid` until it finishes."""
-        while True:
-            if not self.pull.poll(POLL_MS):
-                self._check_alive()
-                continue
-            msg = decode(self.pull.recv())
-            if not isinstance(msg, TextOut | ErrorOut) or msg.uid != uid:
-                continue  # a late message of an aborted request
-            yield msg
-            if isinstance(msg, ErrorOut) or msg.finished is not None:
-                return
 
 
 class LineReader:
@@ -160,7 +62,7 @@ class LineReader:
 
 
 class Shell:
-    def __init__(self, args: ServerArgs, client: Client, out: Any = sys.stdout) -> None:
+    def __init__(self, args: ServerArgs, client: WorkerClient, out: Any = sys.stdout) -> None:
         self.args = args
         self.client = client
         self.out = out
@@ -247,21 +149,17 @@ class Shell:
 
 def run_shell(args: ServerArgs) -> int:
     """Start the workers, chat until /exit, Ctrl-D or Ctrl-C at the prompt, stop the workers."""
-    from minisgl.server.launcher import Workers
     from minisgl.utils import setup_logging
 
     if args.log_level == "info":  # the default: keep the workers' logs off the chat
         args = args.replace(log_level="warning")
     setup_logging(args.log_level, "shell")
-    workers = Workers(args)
-    args = workers.args
     client = None
     status = 0
     try:
         print(f"loading {args.model} ...", flush=True)
-        workers.start()
-        client = Client(args, workers)
-        client.wait_ready()
+        client = WorkerClient(args)  # starts the workers and waits until all are ready
+        args = client.args
         shell = Shell(args, client)
         info = client.tokenizer_info
         if not info.get("has_tokenizer", True):
@@ -286,5 +184,4 @@ def run_shell(args: ServerArgs) -> int:
     finally:
         if client is not None:
             client.close()
-        workers.stop()
     return status

@@ -1,4 +1,5 @@
-"""A minimal synchronous client of the worker processes, for `minisgl.LLM(..., tp=N>1)`.
+"""A minimal synchronous client of the worker processes, for `minisgl.LLM(..., tp=N>1)` and
+the interactive shell.
 
 It starts the server's workers (launcher.Workers: scheduler ranks, detokenizer, tokenizer
 workers) and plays the API server's role over the same ZMQ ipc sockets and msgpack messages
@@ -12,12 +13,22 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util  # noqa: F401  (its atexit hook must be registered before ours)
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 
 from minisgl.args import ServerArgs
-from minisgl.messages import AbortReq, Ready, Shutdown, TokenizeReq, decode, encode
+from minisgl.messages import (
+    AbortReq,
+    ErrorOut,
+    Ready,
+    Shutdown,
+    TextOut,
+    TokenizeReq,
+    decode,
+    encode,
+)
 
 from .launcher import Workers
 
@@ -46,6 +57,7 @@ class WorkerClient:
             self.sched_push = self._socket(zmq.PUSH, "scheduler")
             self.workers.start()
             self.info: dict[str, Any] = {}
+            self.tokenizer_info: dict[str, Any] = {}
             self._wait_ready()
         except BaseException:
             self.close()
@@ -86,13 +98,16 @@ class WorkerClient:
                 self.info = dict(msg.info)
                 for s in self.tok_push:
                     s.send(encode(Ready("config", self.info)))
+            elif msg.name.startswith("tokenizer-"):
+                self.tokenizer_info = dict(msg.info)  # has_tokenizer, has_chat_template
             ready.add("scheduler0" if msg.name == "scheduler" else msg.name)
 
-    def submit(self, prompt: str | list[int], params: dict[str, Any]) -> int:
+    def submit(self, prompt: str | list[int], params: dict[str, Any], chat: bool = False) -> int:
+        """Send one request; `chat` means `prompt` is a JSON chat for the template."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         w = self.worker_of[uid] = uid % len(self.tok_push)
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params)))
+        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params, chat)))
         return uid
 
     def abort(self, uid: int) -> None:
@@ -109,6 +124,17 @@ class WorkerClient:
         while not self.pull.poll(POLL_MS):
             self.check_alive()
         return decode(self.pull.recv())
+
+    def results(self, uid: int) -> Iterator[TextOut | ErrorOut]:
+        """The TextOut / ErrorOut messages of request `uid` until it finishes."""
+        while True:
+            msg = self.recv()
+            if not isinstance(msg, TextOut | ErrorOut) or msg.uid != uid:
+                continue  # stats, or a late message of an aborted request
+            yield msg
+            if isinstance(msg, ErrorOut) or msg.finished is not None:
+                self.done(uid)
+                return
 
     def close(self) -> None:
         """Stop every worker (idempotent; safe from atexit and finalizers)."""
