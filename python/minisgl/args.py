@@ -39,7 +39,6 @@ class ServerArgs:
     max_n: int = 16
     temperature: float = 0.0  # shell sampling defaults
     max_tokens: int = 512
-    disable_pynccl: bool = True
     # internal
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
@@ -127,7 +126,6 @@ _HELP = {
     "max_n": "largest accepted n (choices per request)",
     "temperature": "shell: sampling temperature",
     "max_tokens": "shell: max new tokens per answer",
-    "disable_pynccl": "use torch.distributed for TP all-reduce (always on here)",
 }
 
 
