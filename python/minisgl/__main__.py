@@ -21,6 +21,14 @@ def _parse(argv: list[str] | None):
         if lines:
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
+    local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
+        print(
+            f"python -m minisgl: error: --model {args.model!r} is not a model directory "
+            "(no config.json there)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     if args.tp > 1 and args.resolved_device == "cuda":
         import torch
 
