@@ -24,9 +24,9 @@ _FUSED = {
 def resolve_model_path(model: str) -> str:
     if os.path.isdir(model):
         return model
-    if os.path.exists(model):
+    if os.path.exists(model) or model.startswith((".", "/", "~")):
         raise ValueError(
-            f"--model {model!r} is a file; give a directory or a Hugging Face model id"
+            f"model {model!r} is not a directory; give a model directory or a Hugging Face id"
         )
     from huggingface_hub import snapshot_download
 
