@@ -168,3 +168,43 @@ def test_store_kv_kernel_matches_torch() -> None:
         mod.store_kv(kbuf, vbuf, loc, k, v)
         store_kv_torch(ref_k, ref_v, loc, k, v)
         assert torch.equal(kbuf, ref_k) and torch.equal(vbuf, ref_v)
+
+
+def test_fused_ops_match_torch() -> None:
+    """FlashInfer's fused RMSNorm, add+RMSNorm, SiLU-and-mul and RoPE against the torch code
+    the CPU path runs (bf16 tolerances)."""
+    import torch.nn.functional as F
+
+    from minisgl.layers.fused import fused_ops
+    from minisgl.layers.norm import RMSNorm
+    from minisgl.layers.rotary import RotaryEmbedding, _rotate
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> None:
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+    x = torch.randn(37, 1024, dtype=torch.bfloat16, device="cuda")
+    assert fused_ops(x) is not None, "flashinfer must be importable on the GPU machine"
+    norm = RMSNorm(1024, 1e-6).cuda()
+    norm.weight.data = (1 + 0.1 * torch.randn(1024, device="cuda")).to(torch.bfloat16)
+
+    def ref_norm(t: torch.Tensor) -> torch.Tensor:
+        tf = t.float()
+        return norm.weight * (tf * torch.rsqrt(tf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(t.dtype)
+
+    close(norm(x), ref_norm(x))
+    r = torch.randn_like(x)
+    out, res = norm.add_forward(x.clone(), r.clone())
+    close(res, r + x)
+    close(out, ref_norm(r + x))
+    gu = torch.randn(37, 2 * 3072, dtype=torch.bfloat16, device="cuda")
+    close(fused_ops(gu, 16).activation.silu_and_mul(gu), F.silu(gu[:, :3072]) * gu[:, 3072:])
+    with torch.device("cuda"):
+        rope = RotaryEmbedding(128, 4096, 1e6, None)
+    q = torch.randn(37, 16, 128, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(37, 8, 128, dtype=torch.bfloat16, device="cuda")
+    pos = torch.randint(0, 4096, (37,), device="cuda")
+    cos, sin = rope.cos_sin[pos].unsqueeze(1).chunk(2, dim=-1)
+    ref_q, ref_k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    got_q, got_k = rope(pos, q.clone(), k.clone())
+    close(got_q, ref_q)
+    close(got_k, ref_k)
