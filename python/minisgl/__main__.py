@@ -7,8 +7,10 @@ import io
 import os
 import sys
 
+from minisgl.args import ServerArgs
 
-def _parse(argv: list[str] | None):
+
+def _parse(argv: list[str] | None) -> ServerArgs:
     """minisgl.args.parse_args, but a bad flag prints one line (no usage block) and exits 2."""
     from minisgl.args import parse_args
 

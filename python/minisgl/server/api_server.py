@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -131,7 +131,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     name = args.model_name
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bridge.start()
         yield
         bridge.fail_all("the server is shutting down", 503)
@@ -201,7 +201,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
             out.append(p)
         return out
 
-    async def respond(gen: Generation, request: Request, stream_body: Any, full_body: Any):
+    async def respond(
+        gen: Generation, request: Request, stream_body: Any, full_body: Any
+    ) -> Response:
         await gen.start()
         if stream_body is not None:
             return StreamingResponse(
@@ -247,7 +249,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     @app.post(
         "/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
     )
-    async def completions(request: Request):
+    async def completions(request: Request) -> Response:
         req: CompletionRequest = parse(CompletionRequest, await request.body())
         require_ready()
         check_model(req.model)
@@ -269,7 +271,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     @app.post(
         "/v1/chat/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
     )
-    async def chat_completions(request: Request):
+    async def chat_completions(request: Request) -> Response:
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
         require_ready()
         check_model(req.model)
@@ -295,7 +297,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
     @app.post("/generate", openapi_extra={"requestBody": {"content": schema, "required": True}})
-    async def generate(request: Request):
+    async def generate(request: Request) -> Response:
         req: GenerateRequest = parse(GenerateRequest, await request.body())
         require_ready()
         sp = req.sampling_params
