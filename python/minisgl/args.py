@@ -17,7 +17,7 @@ class ServerArgs:
     tp: int = 1
     cache: str = "radix"  # radix | naive
     max_prefill_length: int = 8192
-    page_size: int = 0  # 0 = default (1 on CPU, 16 on GPU)
+    page_size: int = 0  # 0 = default (1 on CPU, 64 on GPU)
     attn: str = "auto"
     cuda_graph_max_bs: int = -1  # -1 = chosen from memory, 0 = disabled
     max_running_requests: int = 256
