@@ -93,8 +93,11 @@ class Scheduler:
             self.mem.check(list(self.reqs.values()))
 
     def _schedule(self) -> Batch | None:
+        # prefill done (only the newest token lacks KV), not mid-chunk, tokens left to sample
         decodable = [
-            r for r in self.running if r is not self.chunked and r.device_len < r.max_device_len
+            r
+            for r in self.running
+            if r is not self.chunked and r.cached_len == r.device_len - 1 < r.max_device_len - 1
         ]
         if (self.chunked or self.waiting) and not (self.last_was_prefill and decodable):
             batch = self._schedule_prefill()
@@ -125,6 +128,7 @@ class Scheduler:
                 budget -= n
             else:
                 self.chunked = chunked  # retry once decoding requests have freed pages
+                return None  # and admit nobody before it
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.device_len > len(req.token_ids):
