@@ -89,11 +89,13 @@ class ReqMemory:
         self.host_slots[rows, pos] = slots
         return slots
 
-    def cache_prefix(self, req: Req) -> None:
-        """Share a partly prefilled request's full pages through the cache (chunked prefill).
-        Where another request cached the same tokens first, switch to its copy, free ours."""
-        n = req.cached_len // self.ps * self.ps
-        if not self.sharing or n <= req.cache_hit:
+    def cache_prefix(self, req: Req, upto: int) -> None:
+        """Share the full pages of a partly prefilled request's first `upto` tokens through the
+        cache (chunked prefill). Where another request cached the same tokens first, switch
+        to its copy and free ours. Called once the chunk's step is launched and processed, so
+        the slot-table rewrite is queued after every step that still uses the old slots."""
+        n = min(upto, req.cached_len) // self.ps * self.ps
+        if not self.sharing or req.table_idx < 0 or n <= req.cache_hit:
             return
         row, ids = req.table_idx, req.token_ids[:n]
         already = self.cache.insert(ids, self.host_slots[row, :n].clone())

@@ -150,7 +150,6 @@ class Scheduler:
         for r, done in zip(reqs, sample):
             if not done:
                 self.chunked = r
-                self.mem.cache_prefix(r)  # later requests can share the chunks done so far
         batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
         self._advance(batch)
         self.counters["prefill_tokens"] += sum(extends)
@@ -189,6 +188,10 @@ class Scheduler:
 
     # -- results ----------------------------------------------------------------------------
     def _process(self, out: StepOutput) -> None:
+        b = out.batch
+        for req, p, e, s in zip(b.reqs, b.prefix_lens, b.extend_lens, b.sample_mask):
+            if not s and not req.finished:  # a chunk done: later requests can share it
+                self.mem.cache_prefix(req, p + e)
         if out.tokens is None:
             return
         out.wait()
