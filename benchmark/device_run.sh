@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): set up the carried wheels and shared files, then run
-# whatever is given, e.g.  bash benchmark/device_run.sh pytest tests/test_gpu.py -q
+# whatever is given, e.g.  bash benchmark/device_run.sh python -m pytest tests/test_gpu.py -q
 # Expects .gpu-wheels/ (../shared/gpu/fetch-wheels.sh + setup.sh) and .gpu-shared/ (a copy of
-# ../shared/configs and ../shared/models) carried next to the tree; restores .jit-cache from
-# $OUT-style split archives in .jit-carry/ when present.
+# ../shared/configs and ../shared/models) carried next to the tree.
+# FlashInfer's JIT cache (~1.5 min of compiling on a fresh machine): restored from split
+# archives in .jit-carry/ when carried, and saved to $OUT/jit.tgz.* after the command, so the
+# next call can carry them back (copy them into .jit-carry/ here). Untested so far.
 set -u
 source .gpu-wheels/setup.sh .gpu-wheels >/dev/null || exit 1
 [ -e ../shared ] || ln -sfn "$PWD/.gpu-shared" ../shared
@@ -12,3 +14,8 @@ if [ -d .jit-carry ] && ls .jit-carry/jit.tgz.* >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$@"
+status=$?
+if [ -n "${OUT:-}" ] && [ -d .jit-cache ]; then
+  tar czf - .jit-cache | split -b 15M - "$OUT/jit.tgz."
+fi
+exit $status
