@@ -135,27 +135,38 @@ def run_once(
     return sum(got), seconds
 
 
+def prepare(
+    args: argparse.Namespace,
+) -> tuple[str, str | None, list[list[int]], list[int], dict[str, Any]]:
+    """(model dir, temp dir to remove or None, prompts, output lengths, LLM options)."""
+    model, tmpdir = args.model, None
+    if args.config_json:
+        tmpdir = tempfile.mkdtemp(prefix="minisgl-bench-")
+        shutil.copy(args.config_json, Path(tmpdir) / "config.json")
+        model = tmpdir
+    prompts, out_lens = make_workload(
+        args.num_reqs, args.min_in, args.max_in, args.min_out, args.max_out, args.seed,
+        args.max_token_id,
+    )  # fmt: skip
+    kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    return model, tmpdir, prompts, out_lens, kwargs
+
+
+def make_params(args: argparse.Namespace, out_lens: list[int]) -> list[Any]:
+    from minisgl import SamplingParams
+
+    return [
+        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
+        for n in out_lens
+    ]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     from minisgl import LLM, SamplingParams
 
-    tmpdir = None
-    model = args.model
-    if args.config_json:
-        tmpdir = tempfile.mkdtemp(prefix="minisgl-bench-")
-        shutil.copy(args.config_json, Path(tmpdir) / "config.json")
-        model = tmpdir
-
-    prompts, out_lens = make_workload(
-        args.num_reqs,
-        args.min_in,
-        args.max_in,
-        args.min_out,
-        args.max_out,
-        args.seed,
-        args.max_token_id,
-    )
+    model, tmpdir, prompts, out_lens, kwargs = prepare(args)
     total_out = sum(out_lens)
     default_shape = (args.num_reqs, args.min_in, args.max_in, args.min_out, args.max_out, args.seed)
     if default_shape == (256, 100, 1024, 100, 1024, 0) and args.max_token_id == 10000:
@@ -166,15 +177,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         file=sys.stderr,
     )
 
-    kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
     t0 = time.perf_counter()
     llm = LLM(model, dummy_weight=args.dummy_weight, **kwargs)
     print(f"engine ready in {time.perf_counter() - t0:.1f} s ({kwargs})", file=sys.stderr)
 
-    params = [
-        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
-        for n in out_lens
-    ]
+    params = make_params(args, out_lens)
     if args.warmup:
         llm.generate(
             [prompts[0][:8]],

@@ -8,41 +8,23 @@ from __future__ import annotations
 
 import cProfile
 import pstats
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import ENGINE_FLAGS, make_workload, parse_args  # noqa: E402
+from bench import make_params, parse_args, prepare  # noqa: E402
 
 
 def main() -> None:
     args = parse_args(sys.argv[1:])
-    from minisgl import LLM, SamplingParams
+    from minisgl import LLM
 
-    model = args.model
-    if args.config_json:
-        model = tempfile.mkdtemp()
-        shutil.copy(args.config_json, Path(model) / "config.json")
-    prompts, out_lens = make_workload(
-        args.num_reqs,
-        args.min_in,
-        args.max_in,
-        args.min_out,
-        args.max_out,
-        args.seed,
-        args.max_token_id,
-    )
-    kwargs = {k: getattr(args, k) for k in ENGINE_FLAGS if getattr(args, k) is not None}
+    model, _, prompts, out_lens, kwargs = prepare(args)
     llm = LLM(model, dummy_weight=args.dummy_weight, **kwargs)
-    params = [
-        SamplingParams(temperature=args.temperature, max_tokens=n, ignore_eos=True)
-        for n in out_lens
-    ]
+    params = make_params(args, out_lens)
     llm.generate(prompts[:32], params[:32], use_tqdm=False)  # warm-up
 
     sched = llm.scheduler
