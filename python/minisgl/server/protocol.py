@@ -95,7 +95,20 @@ def _top_logprobs(cls: Any, v: int | None) -> int | None:
     return v
 
 
-class _Sampling(_Strict):
+class _SamplingChecks(_Strict):
+    """Validators of the sampling fields every request schema has (the fields and their
+    defaults are declared by each schema)."""
+
+    _v_temperature = field_validator("temperature", check_fields=False)(_temperature)
+    _v_top_p = field_validator("top_p", check_fields=False)(_top_p)
+    _v_top_k = field_validator("top_k", check_fields=False)(_top_k)
+    _v_n = field_validator("n", check_fields=False)(_n)
+    _v_stop = field_validator("stop", check_fields=False)(_stop)
+    _v_stop_ids = field_validator("stop_token_ids", check_fields=False)(_stop_ids)
+    _v_seed = field_validator("seed", check_fields=False)(_seed)
+
+
+class _Sampling(_SamplingChecks):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: SStr | None = None
@@ -115,13 +128,6 @@ class _Sampling(_Strict):
     presence_penalty: SFloat | None = None
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
-    _v_temperature = field_validator("temperature")(_temperature)
-    _v_top_p = field_validator("top_p")(_top_p)
-    _v_top_k = field_validator("top_k")(_top_k)
-    _v_n = field_validator("n")(_n)
-    _v_stop = field_validator("stop")(_stop)
-    _v_stop_ids = field_validator("stop_token_ids")(_stop_ids)
-    _v_seed = field_validator("seed")(_seed)
     _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
 
 
@@ -206,7 +212,7 @@ class ChatCompletionRequest(_Sampling):
         return v
 
 
-class NativeSamplingParams(_Strict):
+class NativeSamplingParams(_SamplingChecks):
     max_new_tokens: SInt | None = None
     temperature: SFloat = 1.0
     top_p: SFloat = 1.0
@@ -218,13 +224,6 @@ class NativeSamplingParams(_Strict):
     n: SInt = 1
 
     _v_max_tokens = field_validator("max_new_tokens")(_positive)
-    _v_temperature = field_validator("temperature")(_temperature)
-    _v_top_p = field_validator("top_p")(_top_p)
-    _v_top_k = field_validator("top_k")(_top_k)
-    _v_n = field_validator("n")(_n)
-    _v_stop = field_validator("stop")(_stop)
-    _v_stop_ids = field_validator("stop_token_ids")(_stop_ids)
-    _v_seed = field_validator("seed")(_seed)
 
 
 class GenerateRequest(_Strict):
