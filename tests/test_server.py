@@ -566,6 +566,9 @@ def test_scheduler_killed(tmp_path_factory):
         async def stream_one(ac: httpx.AsyncClient, started: asyncio.Event) -> str:
             try:
                 async with ac.stream("POST", "/v1/completions", json=body) as r:
+                    if r.status_code != 200:  # arrived after the crash: refused, not hung
+                        started.set()
+                        return "error" if "error" in json.loads(await r.aread()) else "closed"
                     async for line in r.aiter_lines():
                         started.set()
                         if line.startswith("data: ") and line != "data: [DONE]":

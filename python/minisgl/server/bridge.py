@@ -141,6 +141,9 @@ class Bridge:
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         worker, self._rr = self._rr, (self._rr + 1) % len(self.tok_push)
         h = ReqHandle(uid, index, queue, worker)
+        if self.dead is not None:  # a worker died after this request passed the ready check
+            queue.put_nowait((index, ErrorOut(uid, f"request failed: {self.dead}", 503)))
+            return h
         self.reqs[uid] = h
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         self.tok_push[worker].send(encode(TokenizeReq(uid, text, ids, params, chat)))
