@@ -2,12 +2,18 @@
 decode steps, and a cProfile of the host side of the whole run.
 
     python benchmark/offline/profile_step.py --config-json CONFIG --dummy-weight [engine flags]
+
+The chrome trace goes to $MINISGL_TRACE (default /tmp/minisgl_trace.json, plus a .gz copy).
 """
 
 from __future__ import annotations
 
 import cProfile
+import gzip
+import json
+import os
 import pstats
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +22,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import make_params, parse_args, prepare  # noqa: E402
+
+CATEGORIES = [  # (name, regex on the kernel name), first match wins
+    ("attention", r"BatchDecode|BatchPrefill|Attention|flash|fmha"),
+    ("gemm", r"gemm|nvjet|cutlass|sm90_xmma|cublas|splitK"),
+    ("norm", r"[Nn]orm"),
+    ("rope", r"[Rr]ope|[Rr]otary"),
+    ("silu", r"silu|act_and_mul|Act"),
+    ("store_kv", r"store|scatter|index_put"),
+    ("sampling", r"[Ss]ampl|argmax|softmax|exponential|topk|sort|[Rr]educe"),
+    ("copy", r"[Cc]opy|memcpy|memset|Memcpy|Memset"),
+]
+
+
+def summarize(trace: str) -> None:
+    """Device time per kernel category and GPU idle time over the profiled window."""
+    with open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not kernels:
+        print("no device events in the trace")
+        return
+    kernels.sort(key=lambda e: e["ts"])
+    span = max(e["ts"] + e["dur"] for e in kernels) - kernels[0]["ts"]
+    busy, end = 0.0, kernels[0]["ts"]
+    for e in kernels:  # union of the intervals: kernels of two streams may overlap
+        s, t = max(e["ts"], end), e["ts"] + e["dur"]
+        busy += max(0.0, t - s)
+        end = max(end, t)
+    cats: dict[str, float] = {}
+    for e in kernels:
+        name = next((c for c, rx in CATEGORIES if re.search(rx, e["name"])), "other")
+        cats[name] = cats.get(name, 0.0) + e["dur"]
+    print(f"window {span / 1e3:.2f} ms, device busy {busy / 1e3:.2f} ms "
+          f"({100 * busy / span:.1f} %), {len(kernels)} device events")  # fmt: skip
+    for name, us in sorted(cats.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:10s} {us / 1e3:8.2f} ms  {100 * us / span:5.1f} %")
 
 
 def main() -> None:
@@ -60,6 +102,11 @@ def main() -> None:
     print(f"prefill steps {len(pre)}: {sum(pre):.2f} s; decode steps {len(dec)}: {sum(dec):.2f} s "
           f"(mean {1e3 * sum(dec) / max(1, len(dec)):.2f} ms)")  # fmt: skip
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    trace = os.environ.get("MINISGL_TRACE", "/tmp/minisgl_trace.json")
+    prof.export_chrome_trace(trace)
+    summarize(trace)
+    with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+        g.write(f.read())
     st = pstats.Stats(cp).sort_stats("tottime")
     st.print_stats(25)
     st.print_callers("compile")
