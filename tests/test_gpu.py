@@ -85,11 +85,11 @@ def _greedy(llm: LLM, prompts: list, n: int = 32) -> list[list[int]]:
     return [o["token_ids"] for o in outs]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_stories_greedy_and_batching(stories_dir: str, dtype: str) -> None:
-    llm = LLM(stories_dir, device="cuda", dtype=dtype, attn="torch")
-    if dtype == "float32":
-        assert _greedy(llm, ["Once upon a time"])[0] == STORIES_IDS
+def test_stories_greedy_and_batching(stories_dir: str) -> None:
+    """float32 (issue 2, item 6). In bf16 a batch can differ from a lone request (other GEMM
+    shapes round differently), so bf16 is checked through logit error bounds instead."""
+    llm = LLM(stories_dir, device="cuda", dtype="float32", attn="torch")
+    assert _greedy(llm, ["Once upon a time"])[0] == STORIES_IDS
     prompts = [
         f"Once upon a time there was a {w}"
         for w in "cat dog girl boy king queen bird fish tree ball sun moon car bus frog bee".split()
@@ -208,3 +208,75 @@ def test_fused_ops_match_torch() -> None:
     got_q, got_k = rope(pos, q.clone(), k.clone())
     close(got_q, ref_q)
     close(got_k, ref_k)
+
+
+def test_qk_norm_rope_store_matches_torch() -> None:
+    """The Triton q/k-norm + RoPE + KV-store kernel against the torch ops it replaces."""
+    from minisgl.kernel.triton_ops import available, qk_norm_rope_store
+    from minisgl.layers.rotary import RotaryEmbedding, _rotate
+
+    qkv = torch.randn(37, 4096 + 64, dtype=torch.bfloat16, device="cuda")[:, :4096]  # strided
+    assert available(qkv), "triton must be importable on the GPU machine"
+    hq, hkv, d = 16, 8, 128
+    with torch.device("cuda"):
+        rope = RotaryEmbedding(d, 4096, 1e6, None)
+    cs = rope.cos_sin.to(torch.bfloat16).float()
+    pos = torch.randint(0, 4096, (37,), device="cuda")
+    loc = torch.randperm(500, device="cuda")[:37]
+    rq, rk, rv = qkv.split([hq * d, hkv * d, hkv * d], -1)
+    rq, rk, rv = rq.reshape(37, hq, d), rk.reshape(37, hkv, d), rv.reshape(37, hkv, d)
+    cos, sin = cs[pos].unsqueeze(1).chunk(2, dim=-1)
+    for norm in (True, False):
+        qw, kw = (1 + 0.1 * torch.randn(2, d, device="cuda")).to(torch.bfloat16)
+
+        def ref_norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            xf = x.float()
+            return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+        kc = torch.zeros(500, hkv, d, dtype=torch.bfloat16, device="cuda")
+        vc = torch.zeros_like(kc)
+        q = qk_norm_rope_store(qkv, pos, cs, qw if norm else None, kw if norm else None, 1e-6,
+                               kc, vc, loc, hq, hkv)  # fmt: skip
+        eq = _rotate(ref_norm(rq, qw) if norm else rq, cos, sin)
+        ek = _rotate(ref_norm(rk, kw) if norm else rk, cos, sin)
+        torch.testing.assert_close(q.float(), eq.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(kc[loc].float(), ek.float(), rtol=2e-2, atol=2e-2)
+        assert torch.equal(vc[loc], rv)
+        untouched = torch.ones(500, dtype=torch.bool, device="cuda")
+        untouched[loc] = False
+        assert not kc[untouched].any() and not vc[untouched].any()
+
+
+def test_gumbel_sample_kernel() -> None:
+    """Greedy rows are the argmax; a seed fixes the draw wherever the row sits; draws follow
+    softmax(logits / T) (chi-square, 5 degrees of freedom, p = 1e-4 critical value)."""
+    from minisgl.kernel.triton_ops import gumbel_sample
+
+    logits = torch.randn(8, 151936, device="cuda").to(torch.bfloat16)
+    temps = torch.tensor([0, 0.6, 1.0, 0, 2.0, 0.6, 0.0, 0.6], device="cuda")
+    seeds = torch.arange(8, dtype=torch.int32, device="cuda")
+    tok = gumbel_sample(logits, temps, seeds)
+    greedy = temps == 0
+    assert torch.equal(tok[greedy], logits.float().argmax(-1)[greedy])
+    perm = torch.randperm(8, device="cuda")
+    assert torch.equal(gumbel_sample(logits[perm], temps[perm], seeds[perm]), tok[perm])
+    probs = torch.tensor([0.35, 0.25, 0.2, 0.1, 0.07, 0.03], device="cuda")
+    n, t = 60_000, 0.7
+    lg = (probs.log() * t).repeat(n, 1)  # softmax(lg / t) == probs
+    draws = gumbel_sample(lg, torch.full((n,), t, device="cuda"),
+                          torch.randint(2**31 - 1, (n,), dtype=torch.int32, device="cuda"))  # fmt: skip
+    counts = torch.bincount(draws, minlength=6).double()
+    chi2 = ((counts - n * probs.double()) ** 2 / (n * probs.double())).sum().item()
+    assert chi2 < 25.7, (counts, chi2)
+
+
+def test_seeded_request_independent_of_batch_on_gpu(stories_dir: str) -> None:
+    """Through the engine (the fused sampler, top-p rows on the torch path beside it)."""
+    llm = LLM(stories_dir, device="cuda", dtype="float32", attn="torch")
+    seeded = SamplingParams(temperature=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate(["Once upon a time"], seeded, use_tqdm=False)[0]["token_ids"]
+    others = [SamplingParams(temperature=t, top_p=p, max_tokens=16, ignore_eos=True)
+              for t, p in [(0.0, 1.0), (1.0, 0.8), (0.7, 1.0)]]  # fmt: skip
+    prompts = ["The dog", "Once upon a time", "A girl", "The sun"]
+    outs = llm.generate(prompts, [others[0], seeded, others[1], others[2]], use_tqdm=False)
+    assert outs[1]["token_ids"] == alone

@@ -48,16 +48,23 @@ class AttentionBackend(ABC):
         """Called once per batch before the forward (planning, index building)."""
         self.meta = meta
 
-    def store_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def kv_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(K buffer, V buffer, slots) where the model writes this batch's K/V itself."""
+        return self.pool.k[layer], self.pool.v[layer], self.meta.out_loc
+
+    def store_kv(self, layer: int, k: torch.Tensor | None, v: torch.Tensor | None) -> None:
         from ..kernel import store_kv
 
+        if k is None:  # the model stored them already (fused RoPE + store kernel)
+            return
         store_kv(self.pool.k[layer], self.pool.v[layer], self.meta.out_loc, k, v)
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
     ) -> torch.Tensor:
-        """q: [T, H, D], k/v: [T, KV, D] for the new tokens; returns [T, H, D]."""
+        """q: [T, H, D], k/v: [T, KV, D] for the new tokens (None: already in the cache, see
+        `kv_target`); returns [T, H, D]."""
 
     # CUDA-graph support (decode only); backends that cannot be captured keep the defaults
     supports_graph: bool = False

@@ -51,7 +51,7 @@ class FlashAttentionBackend(AttentionBackend):
         self.max_q, self.max_k = max(meta.extend_lens_host), max_seq
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
     ) -> torch.Tensor:
         self.store_kv(layer, k, v)
         kc, vc = self.pool.paged(layer)

@@ -102,7 +102,7 @@ class FlashInferBackend(AttentionBackend):
         )  # fmt: skip
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
     ) -> torch.Tensor:
         self.store_kv(layer, k, v)
         return self.active.run(q, self.pool.paged(layer))

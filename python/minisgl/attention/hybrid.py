@@ -18,9 +18,12 @@ class HybridBackend(AttentionBackend):
         self.active.prepare(meta)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
     ) -> torch.Tensor:
         return self.active.forward(q, k, v, layer)
+
+    def kv_target(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.active.kv_target(layer)
 
     def init_graph(self, max_bs: int) -> None:
         self.decode_backend.init_graph(max_bs)

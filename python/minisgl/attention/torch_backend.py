@@ -12,7 +12,7 @@ from .base import AttentionBackend
 
 class TorchBackend(AttentionBackend):
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
     ) -> torch.Tensor:
         self.store_kv(layer, k, v)
         m = self.meta

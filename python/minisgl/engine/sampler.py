@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..core import Req
+from ..kernel import triton_ops
 from ..utils import h2d
 
 
@@ -37,6 +38,7 @@ def sample(
 ) -> torch.Tensor:
     """One token per row. Rows with temperature 0 are greedy. `seeded` lists (row, rng seed)
     pairs whose noise comes from their own generator, so they do not depend on the batch."""
+    logits = logits.float()
     greedy = logits.argmax(dim=-1)
     t = torch.where(temperatures > 0, temperatures, 1.0)
     probs = torch.softmax(logits / t[:, None], dim=-1)
@@ -59,6 +61,8 @@ class SamplingInfo:
     top_ks: torch.Tensor
     top_ps: torch.Tensor
     seeded: list[tuple[int, int]]
+    seed_rows: torch.Tensor | None  # device copies of `seeded` (31-bit seeds) for the kernel
+    seed_vals: torch.Tensor | None
     needs_filter: bool
     all_greedy: bool
     logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, top-n)
@@ -76,11 +80,18 @@ class SamplingInfo:
             [temps, [float(p.top_k) for p in ps], [p.top_p for p in ps]], dtype=torch.float32
         )
         vals = h2d(vals, device)
+        seed_rows = seed_vals = None
+        if seeded:
+            packed = h2d(torch.tensor([[i for i, _ in seeded], [s % 2**31 for _, s in seeded]]),
+                         device)  # fmt: skip
+            seed_rows, seed_vals = packed[0], packed[1].int()
         return cls(
             temperatures=vals[0],
             top_ks=vals[1].long(),
             top_ps=vals[2],
             seeded=seeded,
+            seed_rows=seed_rows,
+            seed_vals=seed_vals,
             needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
             all_greedy=all(t == 0 for t in temps),
             logprob_rows=[(i, p.logprobs) for i, p in enumerate(ps) if p.logprobs >= 0],
@@ -99,6 +110,8 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         if info.all_greedy:
             return logits.argmax(dim=-1)
+        if triton_ops.available(logits):
+            return self._fused(logits, info)
         return sample(
             logits,
             info.temperatures,
@@ -109,6 +122,23 @@ class Sampler:
             info.needs_filter,
         )
 
+    def _fused(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+        """One pass over the logits (Gumbel-max in a Triton kernel). Rows with top-k/top-p take
+        the torch path; the choice depends on the row alone, so a seeded request gets the same
+        tokens whatever shares its batch."""
+        seeds = torch.randint(
+            2**31 - 1, (logits.shape[0],), generator=self.generator, device=logits.device,
+            dtype=torch.int32,
+        )  # fmt: skip
+        if info.seed_rows is not None:
+            seeds[info.seed_rows] = info.seed_vals
+        tokens = triton_ops.gumbel_sample(logits, info.temperatures, seeds)
+        if info.needs_filter:
+            filtered = sample(logits, info.temperatures, info.top_ks, info.top_ps,
+                              self.generator, info.seeded)  # fmt: skip
+            tokens = torch.where((info.top_ks > 1) | (info.top_ps < 1.0), filtered, tokens)
+        return tokens
+
 
 def gather_logprobs(
     logits: torch.Tensor, tokens: torch.Tensor, rows: list[tuple[int, int]]
@@ -116,7 +146,7 @@ def gather_logprobs(
     """(chosen logprob [R], top values [R, n], top ids [R, n]) for the requested rows."""
     idx = h2d(torch.tensor([r for r, _ in rows]), str(logits.device.type))
     n = max(k for _, k in rows)
-    lp = torch.log_softmax(logits[idx], dim=-1)
+    lp = torch.log_softmax(logits[idx].float(), dim=-1)
     chosen = lp.gather(-1, tokens[idx].unsqueeze(-1)).squeeze(-1)
     top = lp.topk(max(n, 1), dim=-1)
     return chosen, top.values, top.indices

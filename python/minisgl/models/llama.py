@@ -9,6 +9,7 @@ from torch import nn
 
 from ..attention.base import AttentionBackend
 from ..distributed import get_tp_info
+from ..kernel import triton_ops
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.fused import fused_ops
 from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -36,12 +37,26 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        # the Triton kernel rotates halves with tl.arange: 16-bit, power-of-two head sizes
+        self.fused = (cfg.head_dim & (cfg.head_dim - 1)) == 0 and cfg.head_dim >= 32
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         d = self.head_dim
-        q, k, v = self.qkv_proj(x).split(
-            [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1
-        )
+        qkv = self.qkv_proj(x)
+        if (
+            self.fused and qkv.dtype != torch.float32 and triton_ops.available(qkv)
+        ):  # one kernel: norm, RoPE, KV store
+            norm = hasattr(self, "q_norm")
+            k_buf, v_buf, loc = attn.kv_target(self.layer)
+            q = triton_ops.qk_norm_rope_store(
+                qkv, pos, self.rope.cos_sin,
+                self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                self.q_norm.eps if norm else 0.0, k_buf, v_buf, loc,
+                self.num_heads, self.num_kv_heads,
+            )  # fmt: skip
+            o = attn.forward(q, None, None, self.layer)
+            return self.o_proj(o.reshape(-1, self.num_heads * d))
+        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
         q, k, v = (
             q.view(-1, self.num_heads, d),
             k.view(-1, self.num_kv_heads, d),
@@ -120,4 +135,5 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h).float()
+        # model dtype: the sampling kernel reads 16-bit logits, the torch paths cast
+        return self.lm_head(h)
