@@ -3,6 +3,7 @@ prefill or decode batch (KV writes included) and samples; it knows nothing of sc
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 
@@ -99,6 +100,10 @@ class Engine:
             from .graph import maybe_create_graph_runner
 
             self.graphs = maybe_create_graph_runner(self)
+            # what exists now lives as long as the process: keep it out of the collector's
+            # full passes, which otherwise walk every imported module's objects mid-decode
+            gc.collect()
+            gc.freeze()
 
     def _resolve_dtype(self) -> torch.dtype:
         if self.args.dtype != "auto":
