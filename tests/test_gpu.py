@@ -268,6 +268,13 @@ def test_gumbel_sample_kernel() -> None:
     counts = torch.bincount(draws, minlength=6).double()
     chi2 = ((counts - n * probs.double()) ** 2 / (n * probs.double())).sum().item()
     assert chi2 < 25.7, (counts, chi2)
+    # the full vocabulary: one token at +20, the rest at 0 -> P(any other) = 151935 e^-20 =
+    # 3.1e-4 per row, ~1.3 of 4096 rows (a noise value rounding to +inf would pick ~1 %)
+    big = torch.zeros(4096, 151936, device="cuda", dtype=torch.bfloat16)
+    big[:, 777] = 20.0
+    seeds = torch.randint(2**31 - 1, (4096,), dtype=torch.int32, device="cuda")
+    picks = gumbel_sample(big, torch.ones(4096, device="cuda"), seeds)
+    assert int((picks != 777).sum()) <= 12
 
 
 def test_seeded_request_independent_of_batch_on_gpu(stories_dir: str) -> None:

@@ -1,0 +1,91 @@
+"""The Triton kernels behind `triton_ops` (imported only where triton is installed)."""
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def qk_rope_store_kernel(
+    qkv, q_out, k_cache, v_cache, loc, pos, cos_sin, q_w, k_w, eps,
+    qkv_stride, cs_stride,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    h = tl.program_id(1)  # q heads, then k heads, then v heads
+    half: tl.constexpr = D // 2
+    offs = tl.arange(0, half)
+    src = qkv + t * qkv_stride + h * D
+    x1 = tl.load(src + offs).to(tl.float32)
+    x2 = tl.load(src + half + offs).to(tl.float32)
+    slot = tl.load(loc + t)
+    if h >= HQ + HKV:  # V: stored as is
+        dst = v_cache + slot * (HKV * D) + (h - HQ - HKV) * D
+        tl.store(dst + offs, x1.to(v_cache.dtype.element_ty))
+        tl.store(dst + half + offs, x2.to(v_cache.dtype.element_ty))
+    else:
+        if NORM:  # round like the torch path: normalise, to 16 bits, times the weight
+            r = tl.rsqrt((tl.sum(x1 * x1) + tl.sum(x2 * x2)) / D + eps)
+            if h < HQ:
+                w1, w2 = tl.load(q_w + offs), tl.load(q_w + half + offs)
+            else:
+                w1, w2 = tl.load(k_w + offs), tl.load(k_w + half + offs)
+            x1 = (w1 * (x1 * r).to(w1.dtype)).to(tl.float32)
+            x2 = (w2 * (x2 * r).to(w2.dtype)).to(tl.float32)
+        p = tl.load(pos + t)
+        cos = tl.load(cos_sin + p * cs_stride + offs)
+        sin = tl.load(cos_sin + p * cs_stride + half + offs)
+        y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        if h < HQ:
+            dst = q_out + t * (HQ * D) + h * D
+        else:
+            dst = k_cache + slot * (HKV * D) + (h - HQ) * D
+        tl.store(dst + offs, y1.to(q_out.dtype.element_ty))
+        tl.store(dst + half + offs, y2.to(q_out.dtype.element_ty))
+
+
+@triton.jit
+def _gumbel_step(best, best_i, src, cols, r, V, scale, noise, FAST: tl.constexpr):
+    x = tl.load(src + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    # 23 random bits: (k + 0.5) / 2^23 stays inside (0, 1) in float32 (with 24 bits the top
+    # value rounds to 1.0, whose Gumbel noise is +inf)
+    u = ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    if FAST:
+        g = -libdevice.fast_log2f(-libdevice.fast_log2f(u))
+    else:
+        g = -tl.log2(-tl.log2(u))
+    score = x * scale + g * noise
+    better = score > best  # strict: earlier columns win ties
+    return tl.where(better, score, best), tl.where(better, cols, best_i)
+
+
+@triton.jit
+def gumbel_argmax_kernel(
+    logits, temps, seeds, out_val, out_idx, V, stride, CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr, FAST: tl.constexpr,
+):  # fmt: skip
+    # Gumbel-max: argmax(logits / T + G) with G = -ln(-ln U) is a draw from
+    # softmax(logits / T); compared in base 2 (the same argmax), with one Philox call
+    # giving the uniforms of four columns
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    t = tl.load(temps + row)
+    scale = tl.where(t > 0, 1.4426950408889634 / t, 1.0)  # log2(e) / T
+    noise = tl.where(t > 0, 1.0, 0.0)  # greedy rows: plain argmax
+    seed = tl.load(seeds + row)
+    Q: tl.constexpr = BLOCK // 4
+    best = tl.full([Q], float("-inf"), tl.float32)
+    best_i = tl.zeros([Q], tl.int32)
+    start = split * CHUNK
+    for off in range(start, start + CHUNK, BLOCK):
+        lane = off + tl.arange(0, Q)
+        r0, r1, r2, r3 = tl.randint4x(seed, lane)
+        src = logits + row * stride
+        best, best_i = _gumbel_step(best, best_i, src, lane, r0, V, scale, noise, FAST)
+        best, best_i = _gumbel_step(best, best_i, src, lane + Q, r1, V, scale, noise, FAST)
+        best, best_i = _gumbel_step(best, best_i, src, lane + 2 * Q, r2, V, scale, noise, FAST)
+        best, best_i = _gumbel_step(best, best_i, src, lane + 3 * Q, r3, V, scale, noise, FAST)
+    m = tl.max(best, axis=0)
+    i = tl.min(tl.where(best == m, best_i, 2147483647), axis=0)
+    tl.store(out_val + row * SPLITS + split, m)
+    tl.store(out_idx + row * SPLITS + split, i)
