@@ -9,6 +9,7 @@ engine's `next_tokens`, so launching N+1 never waits for N.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ class Scheduler:
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
         self.overlap = overlap_enabled()
+        self.sort_decode = os.environ.get("MINISGL_DECODE_SORT", "1") not in ("0", "false")
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
         self.chunked: Req | None = None
@@ -164,6 +166,10 @@ class Scheduler:
             self._retract(victim)
             if not reqs:
                 return None
+        if self.sort_decode:
+            # longest context first: the decode kernel's thread blocks go out in batch order,
+            # so each SM gets a mix of long and short requests (measured: benchmark/attn_split)
+            reqs.sort(key=lambda r: -r.cached_len)
         prefix = [r.cached_len for r in reqs]
         out_loc = self.mem.extend_decode(reqs)
         for r in reqs:
