@@ -2,7 +2,8 @@
 # Issue 8's online sweep: one synthetic trace replayed at several request rates against a
 # minisgl server with the radix cache and again with --cache naive, then one plot.
 #   benchmark/online/run_sweep.sh MODEL_DIR OUT_DIR [N] [RATES...] [-- extra server flags]
-# e.g. (GPU, dummy Qwen3-0.6B): run_sweep.sh /tmp/qwen3-0.6b results 1000 8 16 32 -- --dummy-weight
+# e.g. (GPU, dummy Qwen3-0.6B): run_sweep.sh /tmp/qwen3-0.6b results 1000 32 64 128 -- --dummy-weight
+# A config-only directory first needs a tokenizer for streamed text: dummy_tokenizer.py DIR.
 set -euo pipefail
 model=$1 out=$2 n=${3:-1000}
 shift $(( $# < 3 ? $# : 3 ))
