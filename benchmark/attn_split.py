@@ -16,23 +16,11 @@ import flashinfer
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "offline"))
+sys.path.insert(0, str(Path(__file__).parent))
+from attn_micro import bench  # noqa: E402
 from bench import make_workload  # noqa: E402
 
 H, KV, D, PS = 16, 8, 128, 64
-
-
-def bench(fn, iters: int = 30) -> float:  # noqa: ANN001
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(iters):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] * 1e3  # us
 
 
 def paged(lens: list[int], chunks: int) -> tuple:
