@@ -160,3 +160,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
 
 def overlap_enabled() -> bool:
     return os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING", "0") in ("", "0", "false")
+
+
+def decode_sort_enabled() -> bool:
+    """Decode batches longest context first, unless MINISGL_DECODE_SORT=0."""
+    return os.environ.get("MINISGL_DECODE_SORT", "1") not in ("0", "false")

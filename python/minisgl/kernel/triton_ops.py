@@ -8,31 +8,28 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from types import ModuleType
 
 import torch
 
 
 @functools.cache
-def _triton() -> Any:  # noqa: ANN401
+def _kernels() -> ModuleType | None:
     if os.environ.get("MINISGL_DISABLE_KERNELS"):
         return None
     try:
-        import triton  # noqa: F401
-    except ImportError:
+        from . import _triton_kernels
+    except ImportError:  # no triton
         return None
-    return _build()
+    return _triton_kernels
+
+
+# the CPU tests may run the kernels in triton's interpreter (TRITON_INTERPRET=1, read at start)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(x: torch.Tensor) -> bool:
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"  # lets the CPU tests run them
-    return (x.is_cuda or interpret) and _triton() is not None
-
-
-def _build() -> Any:  # noqa: ANN401
-    from . import _triton_kernels as k
-
-    return k.qk_rope_store_kernel, k.gumbel_argmax_kernel
+    return (x.is_cuda or _INTERPRET) and _kernels() is not None
 
 
 def qk_norm_rope_store(
@@ -50,13 +47,12 @@ def qk_norm_rope_store(
 ) -> torch.Tensor:
     """From the fused projection `qkv` ([T, (H + 2 KV) * D]): q/k RMSNorm (when weights are
     given), neox RoPE at `pos`, K and V written to the cache slots `loc`; returns q [T, H, D]."""
-    kernel = _triton()[0]
     t, d = qkv.shape[0], k_cache.shape[-1]
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
     norm = q_weight is not None
-    kernel[(t, num_heads + 2 * num_kv_heads)](
+    _kernels().qk_rope_store_kernel[(t, num_heads + 2 * num_kv_heads)](
         qkv, q, k_cache, v_cache, loc, pos, cos_sin,
         q_weight if norm else qkv, k_weight if norm else qkv, eps,
         qkv.stride(0), cos_sin.stride(0),
@@ -68,13 +64,12 @@ def qk_norm_rope_store(
 def gumbel_sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
     """One token per row: argmax for temperature 0, else a draw from softmax(logits / T) whose
     noise depends only on the row's seed (int32) and the column, not on the rest of the batch."""
-    kernel = _triton()[1]
     rows, vocab = logits.shape
     splits, block = 16, 1024
     chunk = -(-vocab // (splits * block)) * block
     vals = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
-    kernel[(rows, splits)](
+    _kernels().gumbel_argmax_kernel[(rows, splits)](
         logits, temps, seeds, vals, idx, vocab, logits.stride(0),
         CHUNK=chunk, BLOCK=block, SPLITS=splits, FAST=logits.is_cuda, num_warps=4,
     )  # fmt: skip

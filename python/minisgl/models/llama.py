@@ -41,32 +41,31 @@ class Attention(nn.Module):
         self.fused = (cfg.head_dim & (cfg.head_dim - 1)) == 0 and cfg.head_dim >= 32
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        d = self.head_dim
         qkv = self.qkv_proj(x)
-        if (
-            self.fused and qkv.dtype != torch.float32 and triton_ops.available(qkv)
-        ):  # one kernel: norm, RoPE, KV store
-            norm = hasattr(self, "q_norm")
+        if self.fused and qkv.dtype != torch.float32 and triton_ops.available(qkv):
+            # one kernel: q/k norm, RoPE, and K/V written straight into the cache
+            qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
             k_buf, v_buf, loc = attn.kv_target(self.layer)
             q = triton_ops.qk_norm_rope_store(
-                qkv, pos, self.rope.cos_sin,
-                self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                self.q_norm.eps if norm else 0.0, k_buf, v_buf, loc,
-                self.num_heads, self.num_kv_heads,
+                qkv, pos, self.rope.cos_sin, qn.weight if qn else None,
+                kn.weight if kn else None, qn.eps if qn else 0.0, k_buf, v_buf, loc, self.num_heads, self.num_kv_heads,
             )  # fmt: skip
-            o = attn.forward(q, None, None, self.layer)
-            return self.o_proj(o.reshape(-1, self.num_heads * d))
-        q, k, v = qkv.split([self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], -1)
-        q, k, v = (
-            q.view(-1, self.num_heads, d),
-            k.view(-1, self.num_kv_heads, d),
-            v.view(-1, self.num_kv_heads, d),
-        )
+            k = v = None
+        else:
+            q, k, v = self._split_rope(qkv, pos)
+        o = attn.forward(q, k, v, self.layer)
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+
+    def _split_rope(
+        self, qkv: torch.Tensor, pos: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d, kv = self.head_dim, self.num_kv_heads
+        q, k, v = qkv.split([self.num_heads * d, kv * d, kv * d], -1)
+        q, k, v = q.view(-1, self.num_heads, d), k.view(-1, kv, d), v.view(-1, kv, d)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(pos, q, k)
-        o = attn.forward(q, k, v, self.layer)
-        return self.o_proj(o.reshape(-1, self.num_heads * d))
+        return q, k, v
 
 
 class MLP(nn.Module):

@@ -9,11 +9,10 @@ engine's `next_tokens`, so launching N+1 never waits for N.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 
-from ..args import ServerArgs, overlap_enabled
+from ..args import ServerArgs, decode_sort_enabled, overlap_enabled
 from ..core import Batch, FinishReason, Req, SamplingParams
 from ..engine.engine import Engine, StepOutput
 from ..messages import TokenOut
@@ -31,7 +30,7 @@ class Scheduler:
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
         self.overlap = overlap_enabled()
-        self.sort_decode = os.environ.get("MINISGL_DECODE_SORT", "1") not in ("0", "false")
+        self.sort_decode = decode_sort_enabled()
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
         self.chunked: Req | None = None
