@@ -19,7 +19,6 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
 ]
 PROMPTS = [[1, 45, 120, 200, 33, 7], [1, 300, 12], [1, 5, 99, 250, 251, 17, 64, 380], [1, 7]]
-DEVICE = "cuda"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 
 
@@ -31,7 +30,7 @@ def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 def _run(model_dir: str, tp: int, **kw: object) -> list[list[int]]:
-    llm = LLM(model_dir, device=DEVICE, tp=tp, num_pages=2048, **kw)
+    llm = LLM(model_dir, device="cuda", tp=tp, num_pages=2048, **kw)
     try:
         return [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
     finally:
