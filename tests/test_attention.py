@@ -11,18 +11,20 @@ from minisgl.attention import create_backend
 from minisgl.attention.base import AttnMeta
 from minisgl.attention.flashattn import _import_varlen
 from minisgl.kvcache.pool import KVPool
+from minisgl.kvcache.slots import SlotTable
 
 H, KV, D = 4, 2, 16
 
 
-def _setup(lens: list[int]) -> tuple[KVPool, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _setup(lens: list[int]) -> tuple[KVPool, SlotTable, torch.Tensor, torch.Tensor]:
     pool = KVPool(1, 64, 4, KV, D, torch.float32, "cpu")
-    table = torch.zeros(len(lens), 64, dtype=torch.int32)
+    table = SlotTable(len(lens), 64, "cpu")
     perm = torch.randperm(256)
     k_all = torch.randn(len(lens), max(lens), KV, D)
     v_all = torch.randn_like(k_all)
     for r, n in enumerate(lens):
-        table[r, :n] = perm[r * 64 : r * 64 + n].int()
+        table.host[r, :n] = perm[r * 64 : r * 64 + n]
+        table.device[r, :n] = perm[r * 64 : r * 64 + n].int()
     return pool, table, k_all, v_all
 
 
@@ -42,11 +44,11 @@ def test_torch_backend_matches_dense_reference(is_prefill: bool) -> None:
     prefixes = [n - e for n, e in zip(lens, extends)]
     pool, table, k_all, v_all = _setup(lens)
     for r, p in enumerate(prefixes):  # the cached prefix is already in the pool
-        slots = table[r, :p].long()
+        slots = table.host[r, :p]
         pool.k[0][slots], pool.v[0][slots] = k_all[r, :p], v_all[r, :p]
     backend = create_backend("torch", "cpu", pool, table, H, KV, D)
     out_loc = torch.cat(
-        [table[r, p : p + e].long() for r, (p, e) in enumerate(zip(prefixes, extends))]
+        [table.host[r, p : p + e] for r, (p, e) in enumerate(zip(prefixes, extends))]
     )
     t = lambda x: torch.tensor(x)  # noqa: E731
     meta = AttnMeta(

@@ -100,7 +100,7 @@ class Batch:
     extend_lens: list[int]  # tokens to compute per request in this step
     prefix_lens: list[int]  # tokens already in the KV cache per request
     sample_mask: list[bool]  # whether the request samples a token this step (False mid-chunk)
-    out_loc: Any  # KV slot of every new token (list or int64 CPU tensor)
+    out_loc: Any  # KV slot of every new token (list or int64 numpy array)
     input_ids: list[int] | None = None  # new tokens' ids (prefill); decode reads them on the device
     sample_positions: list[int] = field(default_factory=list)  # position of each sampled token
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kvcache.pool import KVPool
+from ..kvcache.slots import SlotTable
 from .base import AttentionBackend, AttnMeta
 from .torch_backend import TorchBackend
 
@@ -28,7 +29,7 @@ def create_backend(
     name: str,
     device: str,
     pool: KVPool,
-    slot_table: torch.Tensor,
+    slots: SlotTable,
     num_heads: int,
     num_kv_heads: int,
     head_dim: int,
@@ -44,8 +45,7 @@ def create_backend(
     if device == "cpu" and parts != ["torch"]:
         raise ValueError(f"--attn {name!r} needs a GPU; on CPU use --attn torch")
     made = [
-        BACKENDS[p]()(pool, slot_table, num_heads, num_kv_heads, head_dim)
-        for p in dict.fromkeys(parts)
+        BACKENDS[p]()(pool, slots, num_heads, num_kv_heads, head_dim) for p in dict.fromkeys(parts)
     ]
     if len(made) == 1:
         return made[0]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kvcache.pool import KVPool
+from ..kvcache.slots import SlotTable
 
 
 @dataclass
@@ -34,12 +35,13 @@ class AttentionBackend(ABC):
     def __init__(
         self,
         pool: KVPool,
-        slot_table: torch.Tensor,
+        slots: SlotTable,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
     ) -> None:
-        self.pool, self.slot_table = pool, slot_table
+        # the device table for kernels that gather on the GPU, the host copy for planning
+        self.pool, self.slot_table, self.host_slots = pool, slots.device, slots.np
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim**-0.5
         self.meta: AttnMeta | None = None

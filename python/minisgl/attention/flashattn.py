@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 
 from ..kvcache.pool import KVPool
+from ..kvcache.slots import SlotTable
 from .base import AttentionBackend, AttnMeta
 
 
@@ -30,12 +31,12 @@ class FlashAttentionBackend(AttentionBackend):
     def __init__(
         self,
         pool: KVPool,
-        slot_table: torch.Tensor,
+        slots: SlotTable,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
     ) -> None:
-        super().__init__(pool, slot_table, num_heads, num_kv_heads, head_dim)
+        super().__init__(pool, slots, num_heads, num_kv_heads, head_dim)
         self.varlen = _import_varlen()
         self.ps = pool.page_size
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 
 from ..kvcache.pool import KVPool
+from ..kvcache.slots import SlotTable, token_coords
 from .base import AttentionBackend, AttnMeta
 
 
@@ -27,12 +29,12 @@ class FlashInferBackend(AttentionBackend):
     def __init__(
         self,
         pool: KVPool,
-        slot_table: torch.Tensor,
+        slots: SlotTable,
         num_heads: int,
         num_kv_heads: int,
         head_dim: int,
     ) -> None:
-        super().__init__(pool, slot_table, num_heads, num_kv_heads, head_dim)
+        super().__init__(pool, slots, num_heads, num_kv_heads, head_dim)
         if head_dim not in (64, 128, 256) or pool.k.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"--attn fi supports head_dim 64/128/256 in float16/bfloat16, not {head_dim} in {pool.k.dtype}; "
@@ -58,23 +60,22 @@ class FlashInferBackend(AttentionBackend):
 
     # -- metadata ---------------------------------------------------------------------------
     def _page_indices(self, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(indptr on host, page ids on device, last page lengths on host)."""
-        seq = torch.tensor(meta.seq_lens_host, dtype=torch.int32)
+        """(indptr on host, page ids on device, last page lengths on host), read from the host
+        copy of the slot table: one pinned copy, no gather kernels."""
+        seq = np.asarray(meta.seq_lens_host, dtype=np.int64)
         pages = (seq + self.ps - 1) // self.ps
-        indptr = torch.zeros(len(seq) + 1, dtype=torch.int32)
-        torch.cumsum(pages, 0, out=indptr[1:])
-        last = seq - (pages - 1) * self.ps
-        req = torch.repeat_interleave(torch.arange(len(seq)), pages)
-        first_slot = (torch.arange(int(indptr[-1])) - indptr[:-1].long()[req]) * self.ps
+        indptr = np.zeros(len(seq) + 1, dtype=np.int32)
+        np.cumsum(pages, out=indptr[1:])
+        rows = np.asarray(meta.rows_host, dtype=np.int64)
+        row_of_page, page = token_coords(rows, np.zeros_like(pages), pages)
+        indices = (self.host_slots[row_of_page, page * self.ps] // self.ps).astype(np.int32)
         dev = self.pool.k.device
-        rows = meta.rows[req.pin_memory().to(dev, non_blocking=True)]
-        cols = first_slot.pin_memory().to(dev, non_blocking=True)
-        indices = self.slot_table[rows, cols] // self.ps
+        # pinned: plan() copies indptr and last without a sync
         return (
-            indptr.pin_memory(),
-            indices,
-            last.pin_memory(),
-        )  # pinned: plan() copies without a sync
+            torch.from_numpy(indptr).pin_memory(),
+            torch.from_numpy(indices).pin_memory().to(dev, non_blocking=True),
+            torch.from_numpy((seq - (pages - 1) * self.ps).astype(np.int32)).pin_memory(),
+        )
 
     def prepare(self, meta: AttnMeta) -> None:
         self.meta = meta

@@ -7,6 +7,7 @@ import gc
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..args import ServerArgs
@@ -15,6 +16,7 @@ from ..attention.base import AttnMeta
 from ..core import Batch
 from ..distributed import get_tp_info, init_distributed
 from ..kvcache.pool import KVPool
+from ..kvcache.slots import SlotTable, token_coords
 from ..models import ModelConfig, check_architecture, create_model
 from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
 from ..utils import h2d
@@ -84,12 +86,11 @@ class Engine:
             2 * self.pool.k.numel() * self.pool.k.element_size() / 2**30, self.device, self.dtype,
         )  # fmt: skip
         # row `max_reqs` is a scratch row that padded CUDA-graph entries point at
-        self.slot_table = torch.zeros(
-            self.max_reqs + 1, self.max_seq_len, dtype=torch.int32, device=self.device
-        )
+        self.slots = SlotTable(self.max_reqs + 1, self.max_seq_len, self.device)
+        self.slot_table = self.slots.device
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
         self.attn = create_backend(
-            args.attn, self.device, self.pool, self.slot_table,
+            args.attn, self.device, self.pool, self.slots,
             self.cfg.num_heads // self.tp.size, kv_heads, self.cfg.head_dim,
         )  # fmt: skip
         self.sampler = Sampler(self.device, args.seed + 1)
@@ -135,38 +136,35 @@ class Engine:
     def max_tokens_in_pool(self) -> int:
         return self.num_pages * self.page_size
 
-    def write_slots(self, row: int, start: int, slots: torch.Tensor) -> None:
-        """Point positions [start, start + len) of a request's row at existing KV slots."""
-        dst = self.slot_table[row, start : start + len(slots)]
-        dst.copy_(h2d(slots.to(torch.int32), self.device), non_blocking=True)
-
     def _meta(self, batch: Batch) -> tuple[AttnMeta, torch.Tensor]:
-        """All per-step host metadata goes to the device in one pinned copy."""
-        rows = torch.tensor([r.table_idx for r in batch.reqs], dtype=torch.int64)
-        prefix = torch.tensor(batch.prefix_lens, dtype=torch.int64)
-        ext = torch.tensor(batch.extend_lens, dtype=torch.int64)
+        """All per-step host metadata goes to the device in one pinned copy, together with the
+        slot-table entries the scheduler changed since the last step and this step's new ones."""
+        rows = np.array([r.table_idx for r in batch.reqs], dtype=np.int64)
+        prefix = np.array(batch.prefix_lens, dtype=np.int64)
+        ext = np.array(batch.extend_lens, dtype=np.int64)
+        seq = prefix + ext
         if batch.is_prefill:
-            positions = torch.cat(
-                [torch.arange(p, p + e) for p, e in zip(batch.prefix_lens, batch.extend_lens)]
-            )
-            row_of_token = torch.repeat_interleave(rows, ext)
+            row_of_token, positions = token_coords(rows, prefix, seq)
         else:
             positions, row_of_token = prefix, rows
-        out_loc = torch.as_tensor(batch.out_loc, dtype=torch.int64)
-        b, t = len(rows), len(positions)
-        packed = h2d(
-            torch.cat([rows, prefix, ext, prefix + ext, out_loc, positions, row_of_token]),
-            self.device,
-        )
-        d_rows, d_prefix, d_ext, d_seq, d_loc, d_pos, d_row_of_token = packed.split(
-            [b, b, b, b, t, t, t]
+        out_loc = np.asarray(batch.out_loc, dtype=np.int64)
+        stale_rows, stale_pos = self.slots.take_stale()
+        write_rows = np.concatenate([row_of_token, stale_rows])
+        write_pos = np.concatenate([positions, stale_pos])
+        write_val = np.concatenate([out_loc, self.slots.np[stale_rows, stale_pos]])
+        b, t, w = len(rows), len(positions), len(write_rows)
+        packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, write_rows,
+                                 write_pos, write_val])  # fmt: skip
+        packed = h2d(torch.from_numpy(packed), self.device)
+        d_rows, d_prefix, d_ext, d_seq, d_loc, d_pos, d_wrow, d_wpos, d_wval = packed.split(
+            [b, b, b, b, t, t, w, w, w]
         )
         meta = AttnMeta(
             batch.is_prefill, d_rows, d_prefix, d_ext, d_seq, d_loc,
             list(batch.prefix_lens), list(batch.extend_lens), rows.tolist(),
         )  # fmt: skip
         # record the new slots in the table so attention (and later steps) can find them
-        self.slot_table[d_row_of_token, d_pos] = d_loc.to(torch.int32)
+        self.slot_table[d_wrow, d_wpos] = d_wval.to(torch.int32)
         return meta, d_pos
 
     @torch.inference_mode()

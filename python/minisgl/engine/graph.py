@@ -40,6 +40,7 @@ class GraphRunner:
         self.scratch_row = engine.max_reqs
         self.scratch_slot = engine.scratch_page * engine.page_size
         engine.slot_table[self.scratch_row, 0] = self.scratch_slot
+        engine.slots.np[self.scratch_row, 0] = self.scratch_slot
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_loc = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)

@@ -3,6 +3,7 @@ cache. Every page is, at all times, free, owned by exactly one request, or in th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..core import Req
@@ -23,7 +24,8 @@ class ReqMemory:
         self.cache = create_cache_manager(cache, self.ps)
         self.sharing = cache != "naive"
         self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
-        self.host_slots = torch.zeros(engine.max_reqs, engine.max_seq_len, dtype=torch.int64)
+        self.slots = engine.slots
+        self.host_slots = engine.slots.host  # the truth; the device copy follows per step
 
     # -- pages ------------------------------------------------------------------------------
     def ensure_free(self, num_pages: int) -> bool:
@@ -55,38 +57,37 @@ class ReqMemory:
         req.cache_handle, req.cache_hit, req.cached_len = handle, hit, hit
         if hit:
             self.host_slots[req.table_idx, :hit] = prefix
-            self.engine.write_slots(req.table_idx, 0, prefix)
+            self.slots.mark_stale(req.table_idx, 0, hit)
         return True
 
     def extend(self, req: Req, n: int) -> list[int]:
         """Allocate KV slots for positions [cached_len, cached_len + n) of `req`."""
         start, ps, row = req.cached_len, self.ps, req.table_idx
-        pos = torch.arange(start, start + n)
+        pos = np.arange(start, start + n)
         new_pages = self.pages.alloc(self.pages_to_extend(req, n))
         first_new = _cdiv(start, ps)  # index (within the request) of its first new page
         page_idx = pos // ps
         if new_pages:
-            own = torch.tensor(new_pages, dtype=torch.int64)
-            page = own[(page_idx - first_new).clamp(min=0)]
+            page = np.asarray(new_pages, dtype=np.int64)[np.maximum(page_idx - first_new, 0)]
         else:
-            page = torch.zeros_like(pos)
+            page = np.zeros(n, dtype=np.int64)
         if start % ps:  # the tail of a partly filled last page comes first
-            old_page = self.host_slots[row, start - 1] // ps
-            page = torch.where(page_idx < first_new, old_page, page)
+            old_page = self.slots.np[row, start - 1] // ps
+            page = np.where(page_idx < first_new, old_page, page)
         slots = page * ps + pos % ps
-        self.host_slots[row, start : start + n] = slots
+        self.slots.np[row, start : start + n] = slots
         return slots.tolist()
 
-    def extend_decode(self, reqs: list[Req]) -> torch.Tensor:
+    def extend_decode(self, reqs: list[Req]) -> np.ndarray:
         """One new slot per request (its position `cached_len`), for the whole batch at once."""
-        rows = torch.tensor([r.table_idx for r in reqs])
-        pos = torch.tensor([r.cached_len for r in reqs])
+        rows = np.array([r.table_idx for r in reqs], dtype=np.int64)
+        pos = np.array([r.cached_len for r in reqs], dtype=np.int64)
         fresh = pos % self.ps == 0
-        slots = self.host_slots[rows, (pos - 1).clamp(min=0)] + 1
+        slots = self.slots.np[rows, np.maximum(pos - 1, 0)] + 1
         n_new = int(fresh.sum())
         if n_new:
-            slots[fresh] = torch.tensor(self.pages.alloc(n_new)) * self.ps
-        self.host_slots[rows, pos] = slots
+            slots[fresh] = np.asarray(self.pages.alloc(n_new), dtype=np.int64) * self.ps
+        self.slots.np[rows, pos] = slots
         return slots
 
     def cache_prefix(self, req: Req, upto: int) -> None:
@@ -106,7 +107,7 @@ class ReqMemory:
         if already > req.cache_hit:
             self._free_slots(self.host_slots[row, req.cache_hit : already].clone())
             self.host_slots[row, :n] = slots
-            self.engine.write_slots(row, 0, slots)
+            self.slots.mark_stale(row, 0, n)
         req.cache_handle, req.cache_hit = handle, n
 
     def release(self, req: Req) -> None:
