@@ -1,13 +1,15 @@
 """Profile the standard workload on the device: torch-profiler kernel table for a window of
 decode steps, and a cProfile of the host side of the whole run.
 
-    python benchmark/offline/profile_step.py --config-json CONFIG --dummy-weight [engine flags]
+    python benchmark/offline/profile_step.py --config-json CONFIG --dummy-weight \
+        [--window 400:420] [--no-cprofile] [engine flags]
 
 The chrome trace goes to $MINISGL_TRACE (default /tmp/minisgl_trace.json, plus a .gz copy).
 """
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import gzip
 import json
@@ -61,7 +63,12 @@ def summarize(trace: str) -> None:
 
 
 def main() -> None:
-    args = parse_args(sys.argv[1:])
+    own = argparse.ArgumentParser(add_help=False)
+    own.add_argument("--window", default="400:420", help="steps to trace, START:END")
+    own.add_argument("--no-cprofile", action="store_true", help="skip the host profile")
+    mine, rest = own.parse_known_args(sys.argv[1:])
+    first, last = (int(x) for x in mine.window.split(":"))
+    args = parse_args(rest)
     from minisgl import LLM
 
     model, _, prompts, out_lens, kwargs = prepare(args)
@@ -78,19 +85,20 @@ def main() -> None:
 
     def traced_step() -> None:
         n[0] += 1
-        if n[0] == 400:
+        if n[0] == first:
             prof.start()
         t = time.perf_counter()
         step()
         times.append((sched.last_was_prefill, time.perf_counter() - t))
-        if n[0] == 420:
+        if n[0] == last:
             torch.cuda.synchronize()
             prof.stop()
 
     sched.step = traced_step
     cp = cProfile.Profile()
     t0 = time.perf_counter()
-    cp.enable()
+    if not mine.no_cprofile:
+        cp.enable()
     llm.generate(prompts, params, use_tqdm=False)
     cp.disable()
     total = time.perf_counter() - t0
@@ -107,9 +115,10 @@ def main() -> None:
     summarize(trace)
     with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
         g.write(f.read())
-    st = pstats.Stats(cp).sort_stats("tottime")
-    st.print_stats(25)
-    st.print_callers("compile")
+    if not mine.no_cprofile:
+        st = pstats.Stats(cp).sort_stats("tottime")
+        st.print_stats(25)
+        st.print_callers("compile")
 
 
 if __name__ == "__main__":

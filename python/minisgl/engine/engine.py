@@ -167,36 +167,59 @@ class Engine:
         self.slot_table[d_wrow, d_wpos] = d_wval.to(torch.int32)
         return meta, d_pos
 
+    def flush_stale_slots(self) -> None:
+        """Write slot-table entries the scheduler changed on the host (for steps that do not
+        go through `_meta`, i.e. CUDA-graph decode steps)."""
+        rows, pos = self.slots.take_stale()
+        if rows.size:
+            packed = h2d(torch.from_numpy(np.concatenate([rows, pos, self.slots.np[rows, pos]])),
+                         self.device)  # fmt: skip
+            r, p, v = packed.split(len(rows))
+            self.slot_table[r, p] = v.to(torch.int32)
+
     @torch.inference_mode()
     def forward(self, batch: Batch, all_logits: bool = False) -> StepOutput:
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self._forward_graph(batch, all_logits)
         meta, positions = self._meta(batch)
         if batch.is_prefill:
             input_ids = h2d(torch.tensor(batch.input_ids, dtype=torch.int64), self.device)
         else:
             input_ids = self.next_tokens[meta.rows]
-        if self.graphs is not None and self.graphs.can_run(batch):
-            h = self.graphs.run(batch, meta, input_ids, positions)
-        else:
-            self.attn.prepare(meta)
-            h = self.model(input_ids, positions, self.attn)
+        self.attn.prepare(meta)
+        h = self.model(input_ids, positions, self.attn)
         if all_logits:
             return StepOutput(batch, self.model.logits(h), None, None)
         if batch.is_prefill:
             h = h[h2d(torch.tensor(batch.extend_lens).cumsum(0) - 1, self.device)]
-        return self._sample(batch, meta, self.model.logits(h))
+        return self._sample(batch, meta.rows, self.model.logits(h))
 
-    def _sample(self, batch: Batch, meta: AttnMeta, logits: torch.Tensor) -> StepOutput:
+    def _forward_graph(self, batch: Batch, all_logits: bool) -> StepOutput:
+        info = self._sampling_info(batch.reqs, batch.sample_positions)
+        logits, tokens = self.graphs.run(batch, info)
+        if all_logits:
+            return StepOutput(batch, logits, None, None)
+        if tokens is None:  # sampled outside the graph (top-k/top-p rows, or no Triton)
+            return self._sample(batch, self.graphs.rows[: batch.size], logits)
+        return self._launch_copy(batch, tokens, logits, info)
+
+    def _sample(self, batch: Batch, rows: torch.Tensor, logits: torch.Tensor) -> StepOutput:
         picked = [i for i, s in enumerate(batch.sample_mask) if s]
         if not picked:
             return StepOutput(batch, None, None, None)
         reqs = [batch.reqs[i] for i in picked]
-        table_rows = meta.rows
         if len(picked) < batch.size:
             idx = h2d(torch.tensor(picked), self.device)
-            logits, table_rows = logits[idx], meta.rows[idx]
+            logits, rows = logits[idx], rows[idx]
         info = self._sampling_info(reqs, batch.sample_positions)
         tokens = self.sampler(logits, info)
-        self.next_tokens[table_rows] = tokens
+        self.next_tokens[rows] = tokens
+        return self._launch_copy(batch, tokens, logits, info)
+
+    def _launch_copy(
+        self, batch: Batch, tokens: torch.Tensor, logits: torch.Tensor, info: SamplingInfo
+    ) -> StepOutput:
+        """Start the tokens' (and logprobs') copy to the host; the step's event marks its end."""
         logprobs = gather_logprobs(logits, tokens, info.logprob_rows) if info.logprob_rows else None
         if self.device == "cpu":
             return StepOutput(batch, tokens, logprobs, None)

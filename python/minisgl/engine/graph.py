@@ -8,11 +8,13 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from ..attention.base import AttnMeta
 from ..core import Batch
-from ..utils import h2d
+from ..kernel import triton_ops
+from .sampler import SamplingInfo
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -30,6 +32,13 @@ def maybe_create_graph_runner(engine: Engine) -> GraphRunner | None:
 
 
 class GraphRunner:
+    """A graph holds the whole decode step: from one small pinned copy of per-row metadata
+    (rows, positions, KV slots, sampling seeds and temperatures) it gathers the input ids,
+    records the new slots, runs the model and the LM head, samples and stores the tokens for
+    the next step. Per step the host issues that copy, FlashInfer's plan and one replay."""
+
+    META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
+
     def __init__(self, engine: Engine, max_bs: int) -> None:
         self.engine = engine
         self.buckets = sorted(
@@ -41,12 +50,18 @@ class GraphRunner:
         self.scratch_slot = engine.scratch_page * engine.page_size
         engine.slot_table[self.scratch_row, 0] = self.scratch_slot
         engine.slots.np[self.scratch_row, 0] = self.scratch_slot
+        self.meta_buf = torch.zeros(self.META_ROWS, max_bs, dtype=torch.int32, device=dev)
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_loc = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
         self.rows = torch.full((max_bs,), self.scratch_row, dtype=torch.int64, device=dev)
         self.ones = torch.ones(max_bs, dtype=torch.int64, device=dev)
-        self.hidden = torch.zeros(max_bs, engine.cfg.hidden_size, dtype=engine.dtype, device=dev)
+        # padding entries read and write the scratch slot of the scratch row, greedily
+        self.pad = np.array([self.scratch_row, 0, self.scratch_slot, 0, 0], dtype=np.int32)
+        self.sample_in_graph = triton_ops.available(self.meta_buf)
+        self.rng = np.random.default_rng(engine.args.seed + 1)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         engine.attn.init_graph(max_bs)
         start = time.perf_counter()
@@ -56,65 +71,72 @@ class GraphRunner:
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
 
-    def _meta(
-        self, bs: int, rows: torch.Tensor, rows_host: list[int], seq_host: list[int]
-    ) -> AttnMeta:
-        seq = h2d(torch.tensor(seq_host, dtype=torch.int64), self.engine.device)
+    def _attn_meta(self, bs: int, rows_host: list[int], seq_host: list[int]) -> AttnMeta:
+        # device fields are the graph's buffers; FlashInfer plans from the host lists
         return AttnMeta(
-            False,
-            rows,
-            seq - 1,
-            self.ones[:bs],
-            seq,
-            self.out_loc[:bs],
-            [s - 1 for s in seq_host],
-            [1] * bs,
-            rows_host,
-        )
+            False, self.rows[:bs], self.positions[:bs], self.ones[:bs], self.positions[:bs],
+            self.out_loc[:bs], [s - 1 for s in seq_host], [1] * bs, rows_host,
+        )  # fmt: skip
+
+    def _step(self, bs: int) -> None:
+        """The captured work of one decode step of (padded) size `bs`."""
+        eng, m = self.engine, self.meta_buf[:, :bs]
+        self.rows[:bs].copy_(m[0])
+        self.positions[:bs].copy_(m[1])
+        self.out_loc[:bs].copy_(m[2])
+        torch.index_select(eng.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
+        eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
+        hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
+        logits = eng.model.logits(hidden)
+        self.logits[bs] = logits
+        if self.sample_in_graph:
+            temps = m[4].view(torch.float32)
+            tokens = triton_ops.gumbel_sample(logits, temps, m[3].contiguous())
+            eng.next_tokens[self.rows[:bs]] = tokens
+            self.tokens[bs] = tokens
 
     @torch.inference_mode()
     def _capture(self, bs: int, pool: object) -> None:
         eng = self.engine
-        meta = self._meta(bs, self.rows[:bs], [self.scratch_row] * bs, [1] * bs)
-        eng.attn.prepare_graph_capture(bs, meta)
+        self.meta_buf[:, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
+        eng.attn.prepare_graph_capture(bs, self._attn_meta(bs, [self.scratch_row] * bs, [1] * bs))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up outside the graph (lazy inits, autotuning)
-                self.hidden[:bs] = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
+                self._step(bs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self.hidden[:bs] = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
+            self._step(bs)
         self.graphs[bs] = graph
 
     def can_run(self, batch: Batch) -> bool:
         return not batch.is_prefill and batch.size <= self.max_bs
 
-    def run(
-        self, batch: Batch, meta: AttnMeta, input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:
-        b = batch.size
+    def run(self, batch: Batch, info: SamplingInfo) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the step for `batch`; returns (logits [B, V], sampled tokens [B] or None when
+        the caller must sample: rows with top-k/top-p, or no Triton)."""
+        eng, b = self.engine, batch.size
         bs = self.buckets[bisect.bisect_left(self.buckets, b)]
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.out_loc[:b].copy_(meta.out_loc)
-        if bs > b:
-            self.input_ids[b:bs].zero_()
-            self.positions[b:bs].zero_()
-            self.out_loc[b:bs].fill_(self.scratch_slot)
-        rows = (
-            meta.rows
-            if bs == b
-            else torch.cat([meta.rows, self.rows[b:bs].fill_(self.scratch_row)])
+        eng.flush_stale_slots()
+        host = np.empty((self.META_ROWS, self.max_bs), dtype=np.int32)
+        host[:, b:] = self.pad[:, None]
+        rows_host = [r.table_idx for r in batch.reqs]
+        host[0, :b] = rows_host
+        host[1, :b] = batch.prefix_lens
+        host[2, :b] = batch.out_loc
+        host[3, :b] = self.rng.integers(0, 2**31 - 1, b, dtype=np.int32)
+        for row, seed in info.seeded:  # reproducible whatever else is in the batch
+            host[3, row] = seed % 2**31
+        host[4, :b] = np.asarray(info.temps_host, dtype=np.float32).view(np.int32)
+        self.meta_buf.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+        seq = [p + 1 for p in batch.prefix_lens]
+        padded = self._attn_meta(
+            bs, rows_host + [self.scratch_row] * (bs - b), seq + [1] * (bs - b)
         )
-        padded = self._meta(
-            bs,
-            rows,
-            meta.rows_host + [self.scratch_row] * (bs - b),
-            meta.seq_lens_host + [1] * (bs - b),
-        )
-        self.engine.attn.prepare_graph_replay(bs, padded)
+        eng.attn.prepare_graph_replay(bs, padded)
         # the C++ replay directly: the Python wrapper's pool-liveness check costs ~1 ms a step
         torch._C._CUDAGraph.replay(self.graphs[bs])
-        return self.hidden[:b]
+        tokens = self.tokens[bs][:b] if self.sample_in_graph and not info.needs_filter else None
+        return self.logits[bs][:b], tokens

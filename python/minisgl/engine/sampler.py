@@ -58,6 +58,7 @@ class SamplingInfo:
     """Per-batch sampling tensors, built on the host once per batch."""
 
     temperatures: torch.Tensor
+    temps_host: list[float]
     top_ks: torch.Tensor
     top_ps: torch.Tensor
     seeded: list[tuple[int, int]]
@@ -87,6 +88,7 @@ class SamplingInfo:
             seed_rows, seed_vals = packed[0], packed[1].int()
         return cls(
             temperatures=vals[0],
+            temps_host=temps,
             top_ks=vals[1].long(),
             top_ps=vals[2],
             seeded=seeded,
