@@ -74,8 +74,10 @@ class AttentionBackend(ABC):
     def init_graph(self, max_bs: int) -> None:
         raise NotImplementedError
 
-    def prepare_graph_capture(self, bs: int, meta: AttnMeta) -> None:
+    # `buf` picks one of two independent sets of planning buffers, so the next step can be
+    # planned (on a copy stream) while the graph using the other set still runs
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         raise NotImplementedError
 
-    def prepare_graph_replay(self, bs: int, meta: AttnMeta) -> None:
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         raise NotImplementedError

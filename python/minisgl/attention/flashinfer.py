@@ -55,7 +55,7 @@ class FlashInferBackend(AttentionBackend):
         self.decode = fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores
         )
-        self.graph_wrappers: dict[int, object] = {}
+        self.graph_wrappers: dict[tuple[int, int], object] = {}
         self.active = self.decode
 
     # -- metadata ---------------------------------------------------------------------------
@@ -112,7 +112,7 @@ class FlashInferBackend(AttentionBackend):
     def init_graph(self, max_bs: int) -> None:
         self.max_graph_pages = self.pool.num_pages + max_bs
 
-    def prepare_graph_capture(self, bs: int, meta: AttnMeta) -> None:
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         dev = self.pool.k.device
         wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
@@ -120,14 +120,14 @@ class FlashInferBackend(AttentionBackend):
             paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
         )  # fmt: skip
-        self.graph_wrappers[bs] = wrapper
+        self.graph_wrappers[bs, buf] = wrapper
         self.meta = meta
         indptr, indices, last = self._page_indices(meta)
         self._plan_decode(wrapper, indptr, indices, last)
         self.active = wrapper
 
-    def prepare_graph_replay(self, bs: int, meta: AttnMeta) -> None:
-        wrapper = self.graph_wrappers[bs]
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
+        wrapper = self.graph_wrappers[bs, buf]
         indptr, indices, last = self._page_indices(meta)
         self._plan_decode(wrapper, indptr, indices, last)
         self.active = wrapper

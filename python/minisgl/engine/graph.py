@@ -35,7 +35,12 @@ class GraphRunner:
     """A graph holds the whole decode step: from one small pinned copy of per-row metadata
     (rows, positions, KV slots, sampling seeds and temperatures) it gathers the input ids,
     records the new slots, runs the model and the LM head, samples and stores the tokens for
-    the next step. Per step the host issues that copy, FlashInfer's plan and one replay."""
+    the next step. Per step the host issues that copy, FlashInfer's plan and one replay.
+
+    The copies (ours and the plan's) go to a side stream, and each bucket is captured twice,
+    over two sets of metadata buffers used by alternate steps: step N+1's copies then run
+    while step N's graph runs, instead of between the graphs, where each host-to-device copy
+    left the GPU idle for 15-45 us (measured)."""
 
     META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
 
@@ -50,7 +55,7 @@ class GraphRunner:
         self.scratch_slot = engine.scratch_page * engine.page_size
         engine.slot_table[self.scratch_row, 0] = self.scratch_slot
         engine.slots.np[self.scratch_row, 0] = self.scratch_slot
-        self.meta_buf = torch.zeros(self.META_ROWS, max_bs, dtype=torch.int32, device=dev)
+        self.meta_buf = torch.zeros(2, self.META_ROWS, max_bs, dtype=torch.int32, device=dev)
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.out_loc = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
@@ -60,14 +65,18 @@ class GraphRunner:
         self.pad = np.array([self.scratch_row, 0, self.scratch_slot, 0, 0], dtype=np.int32)
         self.sample_in_graph = triton_ops.available(self.meta_buf)
         self.rng = np.random.default_rng(engine.args.seed + 1)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.tokens: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[tuple[int, int], torch.Tensor] = {}
+        self.tokens: dict[tuple[int, int], torch.Tensor] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.copy_stream = torch.cuda.Stream()
+        self.buf = 0  # the buffer set of the next step
+        self.released: list[torch.cuda.Event | None] = [None, None]  # set free once its graph ran
         engine.attn.init_graph(max_bs)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
-            self._capture(bs, pool)
+            for buf in (0, 1):
+                self._capture(bs, buf, pool)
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
 
@@ -78,9 +87,9 @@ class GraphRunner:
             self.out_loc[:bs], [s - 1 for s in seq_host], [1] * bs, rows_host,
         )  # fmt: skip
 
-    def _step(self, bs: int) -> None:
+    def _step(self, bs: int, buf: int) -> None:
         """The captured work of one decode step of (padded) size `bs`."""
-        eng, m = self.engine, self.meta_buf[:, :bs]
+        eng, m = self.engine, self.meta_buf[buf, :, :bs]
         self.rows[:bs].copy_(m[0])
         self.positions[:bs].copy_(m[1])
         self.out_loc[:bs].copy_(m[2])
@@ -88,28 +97,29 @@ class GraphRunner:
         eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
         hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
         logits = eng.model.logits(hidden)
-        self.logits[bs] = logits
+        self.logits[bs, buf] = logits
         if self.sample_in_graph:
             temps = m[4].view(torch.float32)
             tokens = triton_ops.gumbel_sample(logits, temps, m[3].contiguous())
             eng.next_tokens[self.rows[:bs]] = tokens
-            self.tokens[bs] = tokens
+            self.tokens[bs, buf] = tokens
 
     @torch.inference_mode()
-    def _capture(self, bs: int, pool: object) -> None:
+    def _capture(self, bs: int, buf: int, pool: object) -> None:
         eng = self.engine
-        self.meta_buf[:, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
-        eng.attn.prepare_graph_capture(bs, self._attn_meta(bs, [self.scratch_row] * bs, [1] * bs))
+        self.meta_buf[buf, :, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
+        meta = self._attn_meta(bs, [self.scratch_row] * bs, [1] * bs)
+        eng.attn.prepare_graph_capture(bs, meta, buf)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up outside the graph (lazy inits, autotuning)
-                self._step(bs)
+                self._step(bs, buf)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            self._step(bs)
-        self.graphs[bs] = graph
+            self._step(bs, buf)
+        self.graphs[bs, buf] = graph
 
     def can_run(self, batch: Batch) -> bool:
         return not batch.is_prefill and batch.size <= self.max_bs
@@ -130,13 +140,21 @@ class GraphRunner:
         for row, seed in info.seeded:  # reproducible whatever else is in the batch
             host[3, row] = seed % 2**31
         host[4, :b] = np.asarray(info.temps_host, dtype=np.float32).view(np.int32)
-        self.meta_buf.copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
         seq = [p + 1 for p in batch.prefix_lens]
         padded = self._attn_meta(
             bs, rows_host + [self.scratch_row] * (bs - b), seq + [1] * (bs - b)
         )
-        eng.attn.prepare_graph_replay(bs, padded)
+        buf, compute = self.buf, torch.cuda.current_stream()
+        self.buf ^= 1
+        if self.released[buf] is not None:  # the graph that last read this set has run
+            self.copy_stream.wait_event(self.released[buf])
+        with torch.cuda.stream(self.copy_stream):
+            self.meta_buf[buf].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
+            eng.attn.prepare_graph_replay(bs, padded, buf)
+        compute.wait_stream(self.copy_stream)
         # the C++ replay directly: the Python wrapper's pool-liveness check costs ~1 ms a step
-        torch._C._CUDAGraph.replay(self.graphs[bs])
-        tokens = self.tokens[bs][:b] if self.sample_in_graph and not info.needs_filter else None
-        return self.logits[bs][:b], tokens
+        torch._C._CUDAGraph.replay(self.graphs[bs, buf])
+        self.released[buf] = torch.cuda.Event()
+        self.released[buf].record(compute)
+        sampled = self.sample_in_graph and not info.needs_filter
+        return self.logits[bs, buf][:b], self.tokens[bs, buf][:b] if sampled else None
