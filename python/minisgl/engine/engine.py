@@ -201,7 +201,10 @@ class Engine:
             return StepOutput(batch, logits, None, None)
         if tokens is None:  # sampled outside the graph (top-k/top-p rows, or no Triton)
             return self._sample(batch, self.graphs.rows[: batch.size], logits)
-        return self._launch_copy(batch, tokens, logits, info)
+        if info.logprob_rows:
+            return self._launch_copy(batch, tokens, logits, info)
+        host, event = self.graphs.copy_out(tokens)
+        return StepOutput(batch, host, None, event)
 
     def _sample(self, batch: Batch, rows: torch.Tensor, logits: torch.Tensor) -> StepOutput:
         picked = [i for i, s in enumerate(batch.sample_mask) if s]

@@ -68,9 +68,11 @@ class GraphRunner:
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.tokens: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.copy_stream = torch.cuda.Stream()
+        self.copy_stream = torch.cuda.Stream()  # metadata in
+        self.out_stream = torch.cuda.Stream()  # sampled tokens out
         self.buf = 0  # the buffer set of the next step
         self.released: list[torch.cuda.Event | None] = [None, None]  # set free once its graph ran
+        self.copied_out: list[torch.cuda.Event | None] = [None, None]  # its tokens read back
         engine.attn.init_graph(max_bs)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
@@ -152,9 +154,22 @@ class GraphRunner:
             self.meta_buf[buf].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
             eng.attn.prepare_graph_replay(bs, padded, buf)
         compute.wait_stream(self.copy_stream)
+        if self.copied_out[buf] is not None:  # the tokens this graph overwrites were read
+            compute.wait_event(self.copied_out[buf])
         # the C++ replay directly: the Python wrapper's pool-liveness check costs ~1 ms a step
         torch._C._CUDAGraph.replay(self.graphs[bs, buf])
         self.released[buf] = torch.cuda.Event()
         self.released[buf].record(compute)
         sampled = self.sample_in_graph and not info.needs_filter
         return self.logits[bs, buf][:b], self.tokens[bs, buf][:b] if sampled else None
+
+    def copy_out(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start copying the last replay's sampled tokens to the host on a side stream (so the
+        next graph does not queue behind the copy); the event marks the copy's end."""
+        self.out_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.out_stream):
+            host = tokens.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        self.copied_out[self.buf ^ 1] = event  # `run` flipped `buf` after the replay
+        return host, event

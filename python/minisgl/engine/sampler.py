@@ -3,6 +3,7 @@ rows of a batch at once and without host synchronisation."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -55,15 +56,14 @@ def sample(
 
 @dataclass
 class SamplingInfo:
-    """Per-batch sampling tensors, built on the host once per batch."""
+    """Per-batch sampling parameters, built on the host once per batch. The device tensors
+    are copied on first use: a decode graph samples from host-packed values and needs none."""
 
-    temperatures: torch.Tensor
+    device: str
     temps_host: list[float]
-    top_ks: torch.Tensor
-    top_ps: torch.Tensor
-    seeded: list[tuple[int, int]]
-    seed_rows: torch.Tensor | None  # device copies of `seeded` (31-bit seeds) for the kernel
-    seed_vals: torch.Tensor | None
+    top_ks_host: list[float]
+    top_ps_host: list[float]
+    seeded: list[tuple[int, int]]  # (row, generator seed) for rows with a request seed
     needs_filter: bool
     all_greedy: bool
     logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, top-n)
@@ -72,32 +72,46 @@ class SamplingInfo:
     def build(cls, reqs: list[Req], positions: list[int], device: str) -> SamplingInfo:
         ps = [r.params for r in reqs]
         temps = [0.0 if p.top_k == 1 else p.temperature for p in ps]
-        seeded = [
-            (i, _mix(p.seed, pos))
-            for i, (p, pos) in enumerate(zip(ps, positions))
-            if p.seed is not None and temps[i] > 0
-        ]
-        vals = torch.tensor(
-            [temps, [float(p.top_k) for p in ps], [p.top_p for p in ps]], dtype=torch.float32
-        )
-        vals = h2d(vals, device)
-        seed_rows = seed_vals = None
-        if seeded:
-            packed = h2d(torch.tensor([[i for i, _ in seeded], [s % 2**31 for _, s in seeded]]),
-                         device)  # fmt: skip
-            seed_rows, seed_vals = packed[0], packed[1].int()
         return cls(
-            temperatures=vals[0],
+            device=device,
             temps_host=temps,
-            top_ks=vals[1].long(),
-            top_ps=vals[2],
-            seeded=seeded,
-            seed_rows=seed_rows,
-            seed_vals=seed_vals,
+            top_ks_host=[float(p.top_k) for p in ps],
+            top_ps_host=[p.top_p for p in ps],
+            seeded=[
+                (i, _mix(p.seed, pos))
+                for i, (p, pos) in enumerate(zip(ps, positions))
+                if p.seed is not None and temps[i] > 0
+            ],
             needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
             all_greedy=all(t == 0 for t in temps),
             logprob_rows=[(i, p.logprobs) for i, p in enumerate(ps) if p.logprobs >= 0],
         )
+
+    @functools.cached_property
+    def _values(self) -> torch.Tensor:
+        vals = torch.tensor([self.temps_host, self.top_ks_host, self.top_ps_host])
+        return h2d(vals.float(), self.device)
+
+    @property
+    def temperatures(self) -> torch.Tensor:
+        return self._values[0]
+
+    @property
+    def top_ks(self) -> torch.Tensor:
+        return self._values[1].long()
+
+    @property
+    def top_ps(self) -> torch.Tensor:
+        return self._values[2]
+
+    @functools.cached_property
+    def seed_rows_vals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Device copies of `seeded` (rows, 31-bit seeds) for the sampling kernel."""
+        if not self.seeded:
+            return None
+        packed = torch.tensor([[i for i, _ in self.seeded], [s % 2**31 for _, s in self.seeded]])
+        packed = h2d(packed, self.device)
+        return packed[0], packed[1].int()
 
 
 def _mix(seed: int, step: int) -> int:
@@ -132,8 +146,9 @@ class Sampler:
             2**31 - 1, (logits.shape[0],), generator=self.generator, device=logits.device,
             dtype=torch.int32,
         )  # fmt: skip
-        if info.seed_rows is not None:
-            seeds[info.seed_rows] = info.seed_vals
+        if info.seed_rows_vals is not None:
+            rows, vals = info.seed_rows_vals
+            seeds[rows] = vals
         tokens = triton_ops.gumbel_sample(logits, info.temperatures, seeds)
         if info.needs_filter:
             filtered = sample(logits, info.temperatures, info.top_ks, info.top_ps,
