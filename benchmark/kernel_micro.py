@@ -11,25 +11,13 @@ import itertools
 
 import torch
 import triton
+from gemm_micro import time_per_call  # the same graph-timed helper (benchmark/ on sys.path)
 
 from minisgl.kernel import _triton_kernels as K
 
 
 def per_call_us(fn, calls: int = 20) -> float:  # noqa: ANN001
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / (5 * calls)
+    return time_per_call([fn] * calls) * 1e6
 
 
 def gumbel(rows: int, vocab: int = 151936) -> None:
