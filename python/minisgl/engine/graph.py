@@ -70,7 +70,7 @@ class GraphRunner:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.copy_stream = torch.cuda.Stream()  # metadata in
         self.out_stream = torch.cuda.Stream()  # sampled tokens out
-        self.buf = 0  # the buffer set of the next step
+        self.buf, self.last_buf = 0, 1  # the buffer sets of the next and the last replay
         self.released: list[torch.cuda.Event | None] = [None, None]  # set free once its graph ran
         self.copied_out: list[torch.cuda.Event | None] = [None, None]  # its tokens read back
         engine.attn.init_graph(max_bs)
@@ -82,11 +82,11 @@ class GraphRunner:
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
 
-    def _attn_meta(self, bs: int, rows_host: list[int], seq_host: list[int]) -> AttnMeta:
+    def _attn_meta(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> AttnMeta:
         # device fields are the graph's buffers; FlashInfer plans from the host lists
         return AttnMeta(
             False, self.rows[:bs], self.positions[:bs], self.ones[:bs], self.positions[:bs],
-            self.out_loc[:bs], [s - 1 for s in seq_host], [1] * bs, rows_host,
+            self.out_loc[:bs], prefix_host, [1] * bs, rows_host,
         )  # fmt: skip
 
     def _step(self, bs: int, buf: int) -> None:
@@ -110,7 +110,7 @@ class GraphRunner:
     def _capture(self, bs: int, buf: int, pool: object) -> None:
         eng = self.engine
         self.meta_buf[buf, :, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
-        meta = self._attn_meta(bs, [self.scratch_row] * bs, [1] * bs)
+        meta = self._attn_meta(bs, [self.scratch_row] * bs, [0] * bs)
         eng.attn.prepare_graph_capture(bs, meta, buf)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -142,12 +142,12 @@ class GraphRunner:
         for row, seed in info.seeded:  # reproducible whatever else is in the batch
             host[3, row] = seed % 2**31
         host[4, :b] = np.asarray(info.temps_host, dtype=np.float32).view(np.int32)
-        seq = [p + 1 for p in batch.prefix_lens]
+        pad = bs - b
         padded = self._attn_meta(
-            bs, rows_host + [self.scratch_row] * (bs - b), seq + [1] * (bs - b)
+            bs, rows_host + [self.scratch_row] * pad, batch.prefix_lens + [0] * pad
         )
         buf, compute = self.buf, torch.cuda.current_stream()
-        self.buf ^= 1
+        self.buf, self.last_buf = buf ^ 1, buf
         if self.released[buf] is not None:  # the graph that last read this set has run
             self.copy_stream.wait_event(self.released[buf])
         with torch.cuda.stream(self.copy_stream):
@@ -171,5 +171,5 @@ class GraphRunner:
             host = tokens.to("cpu", non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-        self.copied_out[self.buf ^ 1] = event  # `run` flipped `buf` after the replay
+        self.copied_out[self.last_buf] = event
         return host, event
