@@ -162,20 +162,6 @@ def test_graph_replay_equals_eager(qwen3_hd128_dir: str, bs: int) -> None:
     assert _greedy(graph_llm, prompts) == eager
 
 
-def test_split_graph_equals_unsplit(qwen3_hd128_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode step run as two concurrent halves (two streams inside the graph, one
-    FlashInfer plan per half) gives the tokens of the unsplit graph."""
-    prompts = [[1, *p] for p in _prompts(40, 300, seed=5)]
-    kw = dict(device="cuda", dtype="bfloat16", attn="fi", cuda_graph_max_bs=64)
-    monkeypatch.setenv("MINISGL_DECODE_SPLIT_BS", "0")
-    plain = _greedy(LLM(qwen3_hd128_dir, **kw), prompts)
-    monkeypatch.setenv("MINISGL_DECODE_SPLIT_BS", "32")
-    llm = LLM(qwen3_hd128_dir, **kw)
-    assert llm.engine.graphs._parts(48) == [slice(0, 24), slice(24, 48)]
-    assert llm.engine.graphs._parts(16) == [slice(0, 16)]
-    assert _greedy(llm, prompts) == plain
-
-
 def test_graph_sampling_matches_eager(qwen3_hd128_dir: str) -> None:
     """Sampling inside the decode graph: seeded rows give the eager engine's tokens (same
     logits, same per-row seeds), alone or in a batch; top-k rows (sampled after the replay)

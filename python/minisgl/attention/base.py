@@ -74,12 +74,10 @@ class AttentionBackend(ABC):
     def init_graph(self, max_bs: int) -> None:
         raise NotImplementedError
 
-    # `key` = (bucket, buffer set, part): two independent sets of planning buffers let the
-    # next step be planned (on a copy stream) while the graph using the other set still runs;
-    # a step split in two parts plans each part separately. Capture returns the backend the
-    # model sees for that part (bound to its metadata).
-    def prepare_graph_capture(self, key: tuple[int, ...], meta: AttnMeta) -> AttentionBackend:
+    # `buf` picks one of two independent sets of planning buffers, so the next step can be
+    # planned (on a copy stream) while the graph using the other set still runs
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         raise NotImplementedError
 
-    def prepare_graph_replay(self, key: tuple[int, ...], meta: AttnMeta) -> None:
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         raise NotImplementedError

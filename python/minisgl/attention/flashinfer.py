@@ -3,7 +3,6 @@ planned once per batch on host metadata, with fixed-size decode wrappers for CUD
 
 from __future__ import annotations
 
-import copy
 import os
 
 import numpy as np
@@ -56,7 +55,7 @@ class FlashInferBackend(AttentionBackend):
         self.decode = fi.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=self.tensor_cores
         )
-        self.graph_wrappers: dict[tuple[int, ...], object] = {}
+        self.graph_wrappers: dict[tuple[int, int], object] = {}
         self.active = self.decode
 
     # -- metadata ---------------------------------------------------------------------------
@@ -112,22 +111,23 @@ class FlashInferBackend(AttentionBackend):
     # -- CUDA graphs ------------------------------------------------------------------------
     def init_graph(self, max_bs: int) -> None:
         self.max_graph_pages = self.pool.num_pages + max_bs
-        # a split step runs its two parts at once: the second needs its own scratch space
-        self.workspaces = [self.workspace, torch.zeros_like(self.workspace[: 64 << 20])]
 
-    def prepare_graph_capture(self, key: tuple[int, ...], meta: AttnMeta) -> AttentionBackend:
-        dev, n = self.pool.k.device, len(meta.rows_host)
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
+        dev = self.pool.k.device
         wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspaces[key[-1]], "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
-            paged_kv_indptr_buffer=torch.zeros(n + 1, dtype=torch.int32, device=dev),
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
-            paged_kv_last_page_len_buffer=torch.zeros(n, dtype=torch.int32, device=dev),
+            paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
         )  # fmt: skip
-        self.graph_wrappers[key] = wrapper
-        self._plan_decode(wrapper, *self._page_indices(meta))
-        view = copy.copy(self)  # shares pool and buffers; its own metadata and wrapper
-        view.meta, view.active = meta, wrapper
-        return view
+        self.graph_wrappers[bs, buf] = wrapper
+        self.meta = meta
+        indptr, indices, last = self._page_indices(meta)
+        self._plan_decode(wrapper, indptr, indices, last)
+        self.active = wrapper
 
-    def prepare_graph_replay(self, key: tuple[int, ...], meta: AttnMeta) -> None:
-        self._plan_decode(self.graph_wrappers[key], *self._page_indices(meta))
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
+        wrapper = self.graph_wrappers[bs, buf]
+        indptr, indices, last = self._page_indices(meta)
+        self._plan_decode(wrapper, indptr, indices, last)
+        self.active = wrapper

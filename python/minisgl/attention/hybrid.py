@@ -28,10 +28,10 @@ class HybridBackend(AttentionBackend):
     def init_graph(self, max_bs: int) -> None:
         self.decode_backend.init_graph(max_bs)
 
-    def prepare_graph_capture(self, key: tuple[int, ...], meta: AttnMeta) -> AttentionBackend:
+    def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         self.active = self.decode_backend
-        return self.decode_backend.prepare_graph_capture(key, meta)
+        self.decode_backend.prepare_graph_capture(bs, meta, buf)
 
-    def prepare_graph_replay(self, key: tuple[int, ...], meta: AttnMeta) -> None:
+    def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         self.active = self.decode_backend
-        self.decode_backend.prepare_graph_replay(key, meta)
+        self.decode_backend.prepare_graph_replay(bs, meta, buf)

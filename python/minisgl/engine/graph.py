@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..attention.base import AttentionBackend, AttnMeta
+from ..attention.base import AttnMeta
 from ..core import Batch
 from ..kernel import triton_ops
 from .sampler import SamplingInfo
@@ -69,10 +68,6 @@ class GraphRunner:
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.tokens: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.views: dict[tuple[int, int], list[AttentionBackend]] = {}
-        # buckets from this size up run as two concurrent halves (0: never)
-        self.split_bs = int(os.environ.get("MINISGL_DECODE_SPLIT_BS", "0"))
-        self.side_stream = torch.cuda.Stream()
         self.copy_stream = torch.cuda.Stream()  # metadata in
         self.out_stream = torch.cuda.Stream()  # sampled tokens out
         self.buf, self.last_buf = 0, 1  # the buffer sets of the next and the last replay
@@ -87,34 +82,12 @@ class GraphRunner:
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
 
-    def _parts(self, bs: int) -> list[slice]:
-        if self.split_bs and bs >= self.split_bs:
-            return [slice(0, bs // 2), slice(bs // 2, bs)]
-        return [slice(0, bs)]
-
-    def _attn_metas(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> list[AttnMeta]:
+    def _attn_meta(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> AttnMeta:
         # device fields are the graph's buffers; FlashInfer plans from the host lists
-        def part(s: slice) -> AttnMeta:
-            return AttnMeta(
-                False, self.rows[s], self.positions[s], self.ones[s], self.positions[s],
-                self.out_loc[s], prefix_host[s], [1] * (s.stop - s.start), rows_host[s],
-            )  # fmt: skip
-
-        return [part(s) for s in self._parts(bs)]
-
-    def _forward(self, bs: int, buf: int) -> torch.Tensor:
-        ids, pos, views = self.input_ids[:bs], self.positions[:bs], self.views[bs, buf]
-        if len(views) == 1:
-            return self.engine.model(ids, pos, views[0])
-        # two halves on two streams: one half's GEMMs and small kernels, bound by latency,
-        # run while the other half's attention streams the KV cache
-        (a, b), main = self._parts(bs), torch.cuda.current_stream()
-        self.side_stream.wait_stream(main)
-        out_a = self.engine.model(ids[a], pos[a], views[0])
-        with torch.cuda.stream(self.side_stream):
-            out_b = self.engine.model(ids[b], pos[b], views[1])
-        main.wait_stream(self.side_stream)
-        return torch.cat([out_a, out_b])
+        return AttnMeta(
+            False, self.rows[:bs], self.positions[:bs], self.ones[:bs], self.positions[:bs],
+            self.out_loc[:bs], prefix_host, [1] * bs, rows_host,
+        )  # fmt: skip
 
     def _step(self, bs: int, buf: int) -> None:
         """The captured work of one decode step of (padded) size `bs`."""
@@ -124,7 +97,7 @@ class GraphRunner:
         self.out_loc[:bs].copy_(m[2])
         torch.index_select(eng.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
         eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
-        hidden = self._forward(bs, buf)
+        hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
         logits = eng.model.logits(hidden)
         self.logits[bs, buf] = logits
         if self.sample_in_graph:
@@ -137,10 +110,8 @@ class GraphRunner:
     def _capture(self, bs: int, buf: int, pool: object) -> None:
         eng = self.engine
         self.meta_buf[buf, :, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
-        metas = self._attn_metas(bs, [self.scratch_row] * bs, [0] * bs)
-        self.views[bs, buf] = [
-            eng.attn.prepare_graph_capture((bs, buf, i), m) for i, m in enumerate(metas)
-        ]
+        meta = self._attn_meta(bs, [self.scratch_row] * bs, [0] * bs)
+        eng.attn.prepare_graph_capture(bs, meta, buf)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -172,7 +143,7 @@ class GraphRunner:
             host[3, row] = seed % 2**31
         host[4, :b] = np.asarray(info.temps_host, dtype=np.float32).view(np.int32)
         pad = bs - b
-        metas = self._attn_metas(
+        padded = self._attn_meta(
             bs, rows_host + [self.scratch_row] * pad, batch.prefix_lens + [0] * pad
         )
         buf, compute = self.buf, torch.cuda.current_stream()
@@ -181,8 +152,7 @@ class GraphRunner:
             self.copy_stream.wait_event(self.released[buf])
         with torch.cuda.stream(self.copy_stream):
             self.meta_buf[buf].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
-            for i, m in enumerate(metas):
-                eng.attn.prepare_graph_replay((bs, buf, i), m)
+            eng.attn.prepare_graph_replay(bs, padded, buf)
         compute.wait_stream(self.copy_stream)
         if self.copied_out[buf] is not None:  # the tokens this graph overwrites were read
             compute.wait_event(self.copied_out[buf])
