@@ -2,19 +2,15 @@
 
 import triton
 import triton.language as tl
-from triton.language.extra import cuda, libdevice
+from triton.language.extra import libdevice
 
 
 @triton.jit
 def qk_rope_store_kernel(
     qkv, q_out, k_cache, v_cache, loc, pos, cos_sin, q_w, k_w, eps,
     qkv_stride, cs_stride,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # launched early (programmatic dependent launch): wait for the projection, then
-        # let the attention kernel launch now; it waits for this whole grid before reading
-        cuda.gdc_wait()
-        cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     h = tl.program_id(1)  # q heads, then k heads, then v heads
     half: tl.constexpr = D // 2

@@ -32,16 +32,6 @@ def available(x: torch.Tensor) -> bool:
     return (x.is_cuda or _INTERPRET) and _kernels() is not None
 
 
-def _pdl(x: torch.Tensor) -> bool:
-    """Programmatic dependent launch (Hopper on): the next kernel (FlashInfer's, which waits
-    for its predecessor itself) starts launching while this one runs."""
-    return (
-        x.is_cuda
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-        and os.environ.get("MINISGL_PDL", "1") == "1"
-    )
-
-
 def qk_norm_rope_store(
     qkv: torch.Tensor,
     pos: torch.Tensor,
@@ -61,13 +51,12 @@ def qk_norm_rope_store(
     q = torch.empty(t, num_heads, d, dtype=qkv.dtype, device=qkv.device)
     if t == 0:
         return q
-    norm, pdl = q_weight is not None, _pdl(qkv)
+    norm = q_weight is not None
     _kernels().qk_rope_store_kernel[(t, num_heads + 2 * num_kv_heads)](
         qkv, q, k_cache, v_cache, loc, pos, cos_sin,
         q_weight if norm else qkv, k_weight if norm else qkv, eps,
         qkv.stride(0), cos_sin.stride(0),
-        HQ=num_heads, HKV=num_kv_heads, D=d, NORM=norm, PDL=pdl, num_warps=1,
-        **({"launch_pdl": True} if pdl else {}),
+        HQ=num_heads, HKV=num_kv_heads, D=d, NORM=norm, num_warps=1,
     )  # fmt: skip
     return q
 
