@@ -3,6 +3,7 @@ planned once per batch on host metadata, with fixed-size decode wrappers for CUD
 
 from __future__ import annotations
 
+import builtins
 import os
 
 import numpy as np
@@ -13,13 +14,24 @@ from ..kvcache.slots import SlotTable, token_coords
 from .base import AttentionBackend, AttnMeta
 
 
+def _tensor_max(*args: object, **kw: object) -> object:
+    if len(args) == 1 and not kw and isinstance(args[0], torch.Tensor):
+        return args[0].max()
+    return builtins.max(*args, **kw)
+
+
 def _import_flashinfer():  # noqa: ANN202
     try:
         import flashinfer
+        import flashinfer.prefill
     except ImportError as e:
         raise ImportError(
             "--attn fi needs FlashInfer: pip install 'minisgl[cuda]' (flashinfer-python)"
         ) from e
+    # the prefill plan takes Python's max() over host tensors, which iterates them element by
+    # element: ~3 ms per plan at 128 requests, with the GPU idle (measured on the H100). A
+    # module-level `max` that reduces tensors in one call shadows the builtin there.
+    flashinfer.prefill.max = _tensor_max
     return flashinfer
 
 
