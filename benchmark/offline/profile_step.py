@@ -66,6 +66,11 @@ def main() -> None:
     own = argparse.ArgumentParser(add_help=False)
     own.add_argument("--window", default="400:420", help="steps to trace, START:END")
     own.add_argument("--no-cprofile", action="store_true", help="skip the host profile")
+    own.add_argument("--warm-full", action="store_true",
+                     help="warm up with the whole workload (the profiled run then hits the "
+                     "prefix cache like runs 2-3 of bench.py)")  # fmt: skip
+    own.add_argument("--host-window", action="store_true",
+                     help="cProfile only the window's steps, without the torch profiler")  # fmt: skip
     mine, rest = own.parse_known_args(sys.argv[1:])
     first, last = (int(x) for x in mine.window.split(":"))
     args = parse_args(rest)
@@ -74,7 +79,8 @@ def main() -> None:
     model, _, prompts, out_lens, kwargs = prepare(args)
     llm = LLM(model, dummy_weight=args.dummy_weight, **kwargs)
     params = make_params(args, out_lens)
-    llm.generate(prompts[:32], params[:32], use_tqdm=False)  # warm-up
+    warm = len(prompts) if mine.warm_full else 32
+    llm.generate(prompts[:warm], params[:warm], use_tqdm=False)  # warm-up
 
     sched = llm.scheduler
     step, n = sched.step, [0]
@@ -83,14 +89,22 @@ def main() -> None:
     )
     times: list[tuple[bool, float]] = []
 
+    win_cp = cProfile.Profile()
+
     def traced_step() -> None:
         n[0] += 1
-        if n[0] == first:
+        inside = first <= n[0] <= last
+        if n[0] == first and not mine.host_window:
             prof.start()
+        if n[0] == 1:
+            print(f"first step starts {1e3 * (time.perf_counter() - t0):.1f} ms after generate()")
         t = time.perf_counter()
+        if inside and mine.host_window:
+            win_cp.enable()
         step()
+        win_cp.disable()
         times.append((sched.last_was_prefill, time.perf_counter() - t))
-        if n[0] == last:
+        if n[0] == last and not mine.host_window:
             torch.cuda.synchronize()
             prof.stop()
 
@@ -105,10 +119,15 @@ def main() -> None:
     print(
         f"run: {sum(out_lens)} tokens in {total:.2f} s = {sum(out_lens) / total:,.0f} tok/s, {n[0]} steps"
     )
+    print("host time of the first steps (ms):",
+          " ".join(f"{'P' if p else 'D'}{1e3 * t:.1f}" for p, t in times[:8]))  # fmt: skip
     pre = [t for p, t in times if p]
     dec = [t for p, t in times if not p]
     print(f"prefill steps {len(pre)}: {sum(pre):.2f} s; decode steps {len(dec)}: {sum(dec):.2f} s "
           f"(mean {1e3 * sum(dec) / max(1, len(dec)):.2f} ms)")  # fmt: skip
+    if mine.host_window:
+        pstats.Stats(win_cp).sort_stats("cumtime").print_stats(40)
+        return
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     trace = os.environ.get("MINISGL_TRACE", "/tmp/minisgl_trace.json")
     prof.export_chrome_trace(trace)

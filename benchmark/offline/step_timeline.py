@@ -10,6 +10,7 @@ with their floor: the KV cache and the weights read once at 3.0 TB/s.
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 from pathlib import Path
@@ -36,9 +37,21 @@ def main() -> None:
     kv_per_token = 2 * engine.pool.k[0, 0].numel() * engine.pool.k.element_size()
     kv_per_token *= engine.cfg.num_layers
     steps: list[tuple[bool, int, int, torch.cuda.Event]] = []
+    host: list[float] = []  # when each step was launched
     forward = engine.forward
+    gc_times: dict[int, list[float]] = {}  # generation -> pause of each collection
+    gc_start = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            gc_times.setdefault(info["generation"], []).append(time.perf_counter() - gc_start[0])
+
+    gc.callbacks.append(on_gc)
 
     def timed_forward(batch, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        host.append(time.perf_counter())
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         steps.append(
@@ -49,6 +62,8 @@ def main() -> None:
     engine.forward = timed_forward
     for run in range(args.repeats):
         steps.clear()
+        host.clear()
+        gc_times.clear()
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         t0 = time.perf_counter()
         llm.generate(prompts, params, use_tqdm=False)
@@ -57,6 +72,11 @@ def main() -> None:
         retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries
         print(f"== run {run + 1}: {sum(out_lens) / total:,.0f} tok/s; Triton kernels compiled "
               f"so far: {triton_compiled()}; allocator retries (device syncs): {retries}")  # fmt: skip
+        gcs = ", ".join(
+            f"gen{g} {len(t)}x {1e3 * sum(t):.1f} ms" for g, t in sorted(gc_times.items())
+        )
+        print(f"host: first step launched {1e3 * (host[0] - t0):.1f} ms after generate(), last "
+              f"{1e3 * (t0 + total - host[-1]):.1f} ms before the end; GC pauses: {gcs or 'none'}")  # fmt: skip
         report(steps, weight_bytes, kv_per_token)
 
 
