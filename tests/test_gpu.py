@@ -185,33 +185,6 @@ def test_graph_sampling_matches_eager(qwen3_hd128_dir: str) -> None:
     assert outs[0]["token_ids"] == want[0] and len(outs[1]["token_ids"]) == 24
 
 
-def test_cublaslt_linear_matches_torch() -> None:
-    """Bucketed cuBLASLt GEMMs (every candidate of a bucket, rows below and at the bucket
-    size, prefill-sized row counts) against torch's F.linear."""
-    from minisgl.kernel import cublaslt
-
-    mod = cublaslt.module()
-    assert mod is not None, "the cuBLASLt module must build on the GPU machine"
-    ws = cublaslt._workspace(torch.device("cuda"))
-    for dtype in (torch.bfloat16, torch.float16):
-        for n, k in ((384, 256), (4096, 1024), (1024, 3072)):
-            w = torch.randn(n, k, dtype=dtype, device="cuda") * 0.05
-            for m in (1, 3, 17, 32, 100, 257, 4000):
-                x = torch.randn(m, k, dtype=dtype, device="cuda")
-                ref = torch.nn.functional.linear(x, w).float()
-                b = cublaslt.bucket(m)
-                for algo in range(mod.lt_num_algos(x, w, ws, b)):
-                    y = torch.empty(m, n, dtype=dtype, device="cuda")
-                    mod.lt_gemm(y, x, w, ws, b, algo)
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    assert err < 1e-2, (dtype, n, k, m, algo, err)
-    assert cublaslt.tune([w, w.clone()], [1, 16, 32])
-    assert all((b, n, k, dtype) in cublaslt._choice for b in (1, 16, 32))
-    x = torch.randn(20, k, dtype=dtype, device="cuda")
-    assert torch.allclose(cublaslt.linear(x, w).float(), torch.nn.functional.linear(x, w).float(),
-                          rtol=2e-2, atol=2e-2)  # fmt: skip
-
-
 def test_store_kv_kernel_matches_torch() -> None:
     from minisgl.kernel import _cuda_module, store_kv_torch
 

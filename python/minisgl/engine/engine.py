@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,12 +98,8 @@ class Engine:
         self._sinfo_key: tuple = ()
         self.graphs = None
         if self.device == "cuda":
-            from ..kernel import cublaslt
             from .graph import maybe_create_graph_runner
 
-            start = time.perf_counter()
-            if cublaslt.tune_model(self.model, min(256, self.max_reqs)):
-                log.info("decode GEMMs tuned in %.1f s", time.perf_counter() - start)
             self.graphs = maybe_create_graph_runner(self)
             # what exists now lives as long as the process: keep it out of the collector's
             # full passes, which otherwise walk every imported module's objects mid-decode

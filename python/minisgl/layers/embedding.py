@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_gather_last_dim, all_reduce, get_tp_info
-from ..kernel.cublaslt import linear
 from .linear import _param, default_loader
 
 
@@ -41,5 +40,5 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.weight = embedding.weight
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = all_gather_last_dim(linear(h, self.weight))
+        logits = all_gather_last_dim(F.linear(h, self.weight))
         return logits[..., : self.vocab_size] if self.tp.size > 1 else logits

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import all_reduce, get_tp_info
-from ..kernel.cublaslt import linear
 
 
 def _param(shape: tuple[int, ...], loader: Callable[..., None]) -> nn.Parameter:
@@ -53,7 +53,7 @@ class ColumnParallelLinear(nn.Module):
         default_loader(param.data.narrow(0, self.offsets[shard], local), part)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -95,5 +95,5 @@ class RowParallelLinear(nn.Module):
         default_loader(param, loaded.narrow(1, self.tp.rank * self.local_in, self.local_in))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = all_reduce(linear(x, self.weight))
+        y = all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
