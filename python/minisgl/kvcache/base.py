@@ -1,6 +1,6 @@
 """Interface of the prefix-cache managers (`radix`, `naive`).
 
-Everything is in token units: `kv_indices` are int64 CPU tensors of KV-pool slot indices, one
+Everything is in token units: `kv_indices` are int64 numpy arrays of KV-pool slot indices, one
 per token, and every length handed in or out is a multiple of `page_size` (a page is
 `page_size` consecutive slots starting at a multiple of `page_size`).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-import torch
+import numpy as np
 
 
 class BaseCacheManager(ABC):
@@ -18,7 +18,7 @@ class BaseCacheManager(ABC):
         self.page_size = page_size
 
     @abstractmethod
-    def match_prefix(self, token_ids: list[int]) -> tuple[Any, torch.Tensor]:
+    def match_prefix(self, token_ids: list[int]) -> tuple[Any, np.ndarray]:
         """Longest cached page-aligned prefix of `token_ids`: (handle, its kv indices).
 
         The handle must be locked (`lock`) before the scheduler relies on the indices.
@@ -32,7 +32,7 @@ class BaseCacheManager(ABC):
     def unlock(self, handle: Any) -> None: ...
 
     @abstractmethod
-    def insert(self, token_ids: list[int], kv_indices: torch.Tensor) -> int:
+    def insert(self, token_ids: list[int], kv_indices: np.ndarray) -> int:
         """Insert a page-aligned sequence; return how many leading tokens were already cached.
 
         The cache takes ownership of `kv_indices[returned:]`; the caller keeps ownership of
@@ -41,7 +41,7 @@ class BaseCacheManager(ABC):
         """
 
     @abstractmethod
-    def evict(self, num_tokens: int) -> torch.Tensor:
+    def evict(self, num_tokens: int) -> np.ndarray:
         """Evict unlocked leaves, least recently used first, until at least `num_tokens` are
         freed or nothing evictable is left; return the freed kv indices."""
 

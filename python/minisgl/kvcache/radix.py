@@ -13,13 +13,13 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from .base import BaseCacheManager
 
 
-def _empty() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.int64)
+def _empty() -> np.ndarray:
+    return np.empty(0, dtype=np.int64)
 
 
 class RadixNode:
@@ -27,13 +27,15 @@ class RadixNode:
 
     def __init__(
         self,
-        key: list[int],
-        value: torch.Tensor,
+        key: tuple[int, ...],
+        value: np.ndarray,
         parent: RadixNode | None = None,
         last_access: int = 0,
     ) -> None:
         self.children: dict[tuple[int, ...], RadixNode] = {}
-        self.key = key  # token ids on the edge from `parent` to this node
+        # token ids on the edge from `parent` to this node: a tuple of ints, which the garbage
+        # collector stops tracking, where a list would be traversed by every collection
+        self.key = key
         self.value = value  # kv slot index of each token in `key`
         self.parent = parent
         self.ref_count = 0  # number of live locks whose path goes through this node
@@ -51,7 +53,7 @@ class RadixCacheManager(BaseCacheManager):
     def __init__(self, page_size: int) -> None:
         super().__init__(page_size)
         assert page_size >= 1
-        self.root = RadixNode([], _empty())
+        self.root = RadixNode((), _empty())
         self.root.ref_count = 1  # the root is never evicted nor counted
         self._tick = 0
         self._evictable = 0
@@ -67,9 +69,9 @@ class RadixCacheManager(BaseCacheManager):
     def protected_tokens(self) -> int:
         return self._protected
 
-    def match_prefix(self, token_ids: Sequence[int]) -> tuple[RadixNode, torch.Tensor]:
+    def match_prefix(self, token_ids: Sequence[int]) -> tuple[RadixNode, np.ndarray]:
         node, _, values = self._walk(self._aligned(token_ids))
-        return node, torch.cat(values) if values else _empty()
+        return node, np.concatenate(values) if values else _empty()
 
     # ---- locking -------------------------------------------------------------------------
 
@@ -96,19 +98,19 @@ class RadixCacheManager(BaseCacheManager):
 
     # ---- insert / evict ------------------------------------------------------------------
 
-    def insert(self, token_ids: Sequence[int], kv_indices: torch.Tensor) -> int:
+    def insert(self, token_ids: Sequence[int], kv_indices: np.ndarray) -> int:
         tokens = self._aligned(token_ids)
         assert len(kv_indices) >= len(tokens), "need one kv index per token"
         node, matched, _ = self._walk(tokens)
         if matched < len(tokens):
-            # Clone: the caller's tensor may be a view of a buffer it reuses (e.g. a page table).
-            value = kv_indices[matched : len(tokens)].to("cpu", torch.int64, copy=True)
+            # Copy: the caller's array may be a view of a buffer it reuses (e.g. a page table).
+            value = np.array(kv_indices[matched : len(tokens)], dtype=np.int64)
             leaf = RadixNode(tokens[matched:], value, node, self._tick)
             node.children[self._page(leaf.key)] = leaf
             self._evictable += len(leaf.key)  # a new leaf is unlocked
         return matched
 
-    def evict(self, num_tokens: int) -> torch.Tensor:
+    def evict(self, num_tokens: int) -> np.ndarray:
         if num_tokens <= 0:
             return _empty()
         # Heap of unlocked leaves by LRU; the counter breaks ties without comparing nodes.
@@ -117,7 +119,7 @@ class RadixCacheManager(BaseCacheManager):
         ]
         heapq.heapify(heap)
         seq = len(heap)
-        freed: list[torch.Tensor] = []
+        freed: list[np.ndarray] = []
         num_freed = 0
         while heap and num_freed < num_tokens:
             _, _, leaf = heapq.heappop(heap)
@@ -131,18 +133,18 @@ class RadixCacheManager(BaseCacheManager):
             if self._evictable_leaf(parent):  # removing the last child exposes the parent
                 heapq.heappush(heap, (parent.last_access, seq, parent))
                 seq += 1
-        return torch.cat(freed) if freed else _empty()
+        return np.concatenate(freed) if freed else _empty()
 
     # ---- invariants ----------------------------------------------------------------------
 
     def check(self) -> None:
         p = self.page_size
         evictable = protected = 0
-        seen: list[torch.Tensor] = []
+        seen: list[np.ndarray] = []
         for node in self._nodes():
             assert len(node.key) > 0 and len(node.key) % p == 0, f"bad key length {node}"
             assert len(node.key) == len(node.value), f"key/value length mismatch {node}"
-            assert node.value.dtype == torch.int64 and node.value.device.type == "cpu"
+            assert isinstance(node.key, tuple) and node.value.dtype == np.int64
             assert node.ref_count >= 0, f"negative ref count {node}"
             parent = node.parent
             assert parent is not None and parent.children.get(self._page(node.key)) is node
@@ -157,17 +159,17 @@ class RadixCacheManager(BaseCacheManager):
         assert self.root.parent is None and len(self.root.key) == 0 and self.root.ref_count == 1
         assert (evictable, protected) == (self._evictable, self._protected), "counter drift"
         if seen:
-            all_idx = torch.cat(seen)
-            assert len(torch.unique(all_idx)) == len(all_idx), "kv index cached twice"
+            all_idx = np.concatenate(seen)
+            assert len(np.unique(all_idx)) == len(all_idx), "kv index cached twice"
 
     # ---- helpers -------------------------------------------------------------------------
 
-    def _aligned(self, token_ids: Sequence[int]) -> list[int]:
+    def _aligned(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         n = len(token_ids) // self.page_size * self.page_size
-        return list(token_ids[:n])
+        return tuple(token_ids[:n])
 
-    def _page(self, key: list[int]) -> tuple[int, ...]:
-        return tuple(key[: self.page_size])
+    def _page(self, key: tuple[int, ...]) -> tuple[int, ...]:
+        return key[: self.page_size]
 
     def _evictable_leaf(self, node: RadixNode) -> bool:
         return node is not self.root and node.is_leaf and node.ref_count == 0
@@ -182,14 +184,14 @@ class RadixCacheManager(BaseCacheManager):
             stack.extend(node.children.values())
         return out
 
-    def _walk(self, tokens: list[int]) -> tuple[RadixNode, int, list[torch.Tensor]]:
+    def _walk(self, tokens: tuple[int, ...]) -> tuple[RadixNode, int, list[np.ndarray]]:
         """Follow page-aligned `tokens` from the root, splitting the node where the match ends
         mid-node and touching every node on the path. Returns (deepest node, matched, values)."""
         self._tick += 1
         p = self.page_size
         node, matched, values = self.root, 0, []
         while matched < len(tokens):
-            child = node.children.get(tuple(tokens[matched : matched + p]))
+            child = node.children.get(tokens[matched : matched + p])
             if child is None:
                 break
             n = p  # the first page matched via the dict key; compare the rest page by page

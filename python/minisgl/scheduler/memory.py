@@ -4,7 +4,6 @@ cache. Every page is, at all times, free, owned by exactly one request, or in th
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..core import Req
 from ..engine.engine import Engine
@@ -25,7 +24,7 @@ class ReqMemory:
         self.sharing = cache != "naive"
         self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
         self.slots = engine.slots
-        self.host_slots = engine.slots.host  # the truth; the device copy follows per step
+        self.host_slots = engine.slots.np  # the truth; the device copy follows per step
 
     # -- pages ------------------------------------------------------------------------------
     def ensure_free(self, num_pages: int) -> bool:
@@ -35,7 +34,7 @@ class ReqMemory:
             self._free_slots(self.cache.evict(short * self.ps))
         return self.pages.num_free >= num_pages
 
-    def _free_slots(self, slots: torch.Tensor) -> None:
+    def _free_slots(self, slots: np.ndarray) -> None:
         if len(slots):
             self.pages.free((slots[:: self.ps] // self.ps).tolist())
 
@@ -99,13 +98,13 @@ class ReqMemory:
         if not self.sharing or req.table_idx < 0 or n <= req.cache_hit:
             return
         row, ids = req.table_idx, req.token_ids[:n]
-        already = self.cache.insert(ids, self.host_slots[row, :n].clone())
+        already = self.cache.insert(ids, self.host_slots[row, :n])
         handle, slots = self.cache.match_prefix(ids)
         self.cache.lock(handle)
         if req.cache_handle is not None:
             self.cache.unlock(req.cache_handle)
         if already > req.cache_hit:
-            self._free_slots(self.host_slots[row, req.cache_hit : already].clone())
+            self._free_slots(self.host_slots[row, req.cache_hit : already])
             self.host_slots[row, :n] = slots
             self.slots.mark_stale(row, 0, n)
         req.cache_handle, req.cache_hit = handle, n
@@ -117,7 +116,7 @@ class ReqMemory:
             return
         known = min(len(req.token_ids), req.cached_len) // ps * ps
         slots = self.host_slots[row, : _cdiv(req.cached_len, ps) * ps]
-        already = self.cache.insert(req.token_ids[:known], slots[:known].clone())
+        already = self.cache.insert(req.token_ids[:known], slots[:known])
         self._free_slots(slots[req.cache_hit : already])  # duplicates of what the cache had
         self._free_slots(slots[known:])
         if req.cache_handle is not None:
