@@ -185,6 +185,28 @@ def test_graph_sampling_matches_eager(qwen3_hd128_dir: str) -> None:
     assert outs[0]["token_ids"] == want[0] and len(outs[1]["token_ids"]) == 24
 
 
+def test_decode_prologue_matches_torch() -> None:
+    """The graph step's first kernel against the five torch ops it replaces."""
+    from minisgl.kernel import triton_ops
+
+    torch.manual_seed(0)
+    max_bs, bs = 300, 257  # two program blocks, the second partly masked
+    meta = torch.zeros(5, max_bs, dtype=torch.int32, device="cuda")
+    rows = torch.randperm(400, device="cuda")[:bs].int()
+    pos = torch.randint(0, 30, (bs,), device="cuda").int()
+    loc = torch.randint(0, 10**6, (bs,), device="cuda").int()
+    meta[0, :bs], meta[1, :bs], meta[2, :bs] = rows, pos, loc
+    next_tokens = torch.randint(0, 1000, (401,), device="cuda")
+    table = torch.zeros(401, 32, dtype=torch.int32, device="cuda")
+    want = table.clone()
+    want[rows.long(), pos.long()] = loc
+    ids, r, p, o = (torch.zeros(max_bs, dtype=torch.int64, device="cuda") for _ in range(4))
+    triton_ops.decode_prologue(meta[:, :bs], next_tokens, table, ids[:bs], r[:bs], p[:bs], o[:bs])
+    assert torch.equal(table, want) and torch.equal(ids[:bs], next_tokens[rows.long()])
+    assert torch.equal(r[:bs], rows.long()) and torch.equal(p[:bs], pos.long())
+    assert torch.equal(o[:bs], loc.long()) and not ids[bs:].any()
+
+
 def test_store_kv_kernel_matches_torch() -> None:
     from minisgl.kernel import _cuda_module, store_kv_torch
 
@@ -288,6 +310,12 @@ def test_gumbel_sample_kernel() -> None:
     temps = torch.tensor([0, 0.6, 1.0, 0, 2.0, 0.6, 0.0, 0.6], device="cuda")
     seeds = torch.arange(8, dtype=torch.int32, device="cuda")
     tok = gumbel_sample(logits, temps, seeds)
+    rows, next_tokens = (
+        torch.randperm(20, device="cuda")[:8],
+        torch.zeros(20, dtype=torch.int64, device="cuda"),
+    )
+    assert torch.equal(gumbel_sample(logits, temps, seeds, rows, next_tokens), tok)
+    assert torch.equal(next_tokens[rows], tok)  # the graph's in-place hand-over to the next step
     greedy = temps == 0
     assert torch.equal(tok[greedy], logits.float().argmax(-1)[greedy])
     perm = torch.randperm(8, device="cuda")

@@ -92,18 +92,21 @@ class GraphRunner:
     def _step(self, bs: int, buf: int) -> None:
         """The captured work of one decode step of (padded) size `bs`."""
         eng, m = self.engine, self.meta_buf[buf, :, :bs]
-        self.rows[:bs].copy_(m[0])
-        self.positions[:bs].copy_(m[1])
-        self.out_loc[:bs].copy_(m[2])
-        torch.index_select(eng.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
-        eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
+        if self.sample_in_graph:  # Triton: one kernel for the five steps below
+            triton_ops.decode_prologue(m, eng.next_tokens, eng.slot_table, self.input_ids[:bs],
+                                       self.rows[:bs], self.positions[:bs], self.out_loc[:bs])  # fmt: skip
+        else:
+            self.rows[:bs].copy_(m[0])
+            self.positions[:bs].copy_(m[1])
+            self.out_loc[:bs].copy_(m[2])
+            torch.index_select(eng.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
+            eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
         hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
         logits = eng.model.logits(hidden)
         self.logits[bs, buf] = logits
         if self.sample_in_graph:
             temps = m[4].view(torch.float32)
-            tokens = triton_ops.gumbel_sample(logits, temps, m[3].contiguous())
-            eng.next_tokens[self.rows[:bs]] = tokens
+            tokens = triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], eng.next_tokens)
             self.tokens[bs, buf] = tokens
 
     @torch.inference_mode()

@@ -89,3 +89,37 @@ def gumbel_argmax_kernel(
     i = tl.min(tl.where(best == m, best_i, 2147483647), axis=0)
     tl.store(out_val + row * SPLITS + split, m)
     tl.store(out_idx + row * SPLITS + split, i)
+
+
+@triton.jit
+def gumbel_finish_kernel(vals, idx, tokens, rows, next_tokens, SPLITS: tl.constexpr, SCATTER: tl.constexpr):  # fmt: skip
+    # the row's winner across its splits: the first split holding the maximum (the lowest
+    # column among equal scores, as within a split); also stored at next_tokens[rows[row]]
+    row = tl.program_id(0)
+    s = tl.arange(0, SPLITS)
+    v = tl.load(vals + row * SPLITS + s)
+    first = tl.min(tl.where(v == tl.max(v, axis=0), s, SPLITS), axis=0)
+    tok = tl.sum(tl.where(s == first, tl.load(idx + row * SPLITS + s), 0), axis=0).to(tl.int64)
+    tl.store(tokens + row, tok)
+    if SCATTER:
+        tl.store(next_tokens + tl.load(rows + row), tok)
+
+
+@triton.jit
+def decode_prologue_kernel(
+    meta, meta_stride, next_tokens, slot_table, st_stride, input_ids, rows, positions, out_loc,
+    bs, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # a graph step's inputs from its int32 metadata rows (request row, position, new KV slot):
+    # int64 copies for the model, the input ids gathered from the last step's tokens, and the
+    # new slots recorded in the slot table
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < bs
+    r = tl.load(meta + i, mask=mask, other=0).to(tl.int64)
+    p = tl.load(meta + meta_stride + i, mask=mask, other=0).to(tl.int64)
+    o = tl.load(meta + 2 * meta_stride + i, mask=mask, other=0)
+    tl.store(rows + i, r, mask=mask)
+    tl.store(positions + i, p, mask=mask)
+    tl.store(out_loc + i, o.to(tl.int64), mask=mask)
+    tl.store(input_ids + i, tl.load(next_tokens + r, mask=mask, other=0), mask=mask)
+    tl.store(slot_table + r * st_stride + p, o.to(slot_table.dtype.element_ty), mask=mask)

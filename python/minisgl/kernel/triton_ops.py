@@ -61,16 +61,49 @@ def qk_norm_rope_store(
     return q
 
 
-def gumbel_sample(logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+def gumbel_sample(
+    logits: torch.Tensor,
+    temps: torch.Tensor,
+    seeds: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    next_tokens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One token per row: argmax for temperature 0, else a draw from softmax(logits / T) whose
-    noise depends only on the row's seed (int32) and the column, not on the rest of the batch."""
-    rows, vocab = logits.shape
-    splits, block = 16, 1024
+    noise depends only on the row's seed (int32) and the column, not on the rest of the batch.
+    With `rows`, token i is also stored at `next_tokens[rows[i]]`."""
+    n, vocab = logits.shape
+    splits, block = 16, 2048  # measured fastest at 160 rows (benchmark/kernel_micro.py)
     chunk = -(-vocab // (splits * block)) * block
-    vals = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
-    idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
-    _kernels().gumbel_argmax_kernel[(rows, splits)](
+    vals = torch.empty(n, splits, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(n, splits, dtype=torch.int32, device=logits.device)
+    k = _kernels()
+    k.gumbel_argmax_kernel[(n, splits)](
         logits, temps, seeds, vals, idx, vocab, logits.stride(0),
         CHUNK=chunk, BLOCK=block, SPLITS=splits, FAST=logits.is_cuda, num_warps=4,
     )  # fmt: skip
-    return idx.gather(1, vals.argmax(dim=1, keepdim=True)).squeeze(1).long()
+    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
+    scatter = rows is not None
+    k.gumbel_finish_kernel[(n,)](
+        vals, idx, tokens, rows if scatter else tokens, next_tokens if scatter else tokens,
+        SPLITS=splits, SCATTER=scatter, num_warps=1,
+    )  # fmt: skip
+    return tokens
+
+
+def decode_prologue(
+    meta: torch.Tensor,
+    next_tokens: torch.Tensor,
+    slot_table: torch.Tensor,
+    input_ids: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+    out_loc: torch.Tensor,
+) -> None:
+    """From int32 `meta` rows (request row, position, new slot; [>=3, bs]): int64 `rows`,
+    `positions`, `out_loc`, `input_ids[i] = next_tokens[rows[i]]`, and
+    `slot_table[rows[i], positions[i]] = out_loc[i]`; one kernel instead of five."""
+    bs = meta.shape[1]
+    _kernels().decode_prologue_kernel[(-(-bs // 256),)](
+        meta, meta.stride(0), next_tokens, slot_table, slot_table.stride(0), input_ids, rows,
+        positions, out_loc, bs, BLOCK=256, num_warps=4,
+    )  # fmt: skip
