@@ -565,3 +565,27 @@ def test_chunked_prefill_under_kv_pressure(stories_dir: str, overlap: bool) -> N
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == ref
     print(f"\n[chunk+pressure] overlap={overlap}: {llm.scheduler.counters}")
     assert_idle(llm)
+
+
+def test_generate_pauses_the_garbage_collector(stories_dir: str) -> None:
+    """No collection pauses inside an offline batch; the caller's GC state comes back."""
+    import gc
+
+    llm = make_llm(stories_dir)
+    seen: list[bool] = []
+    step = llm.scheduler.step
+
+    def spy() -> None:
+        seen.append(gc.isenabled())
+        step()
+
+    llm.scheduler.step = spy
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.generate(["Once upon a time"], params, use_tqdm=False)
+    assert seen and not any(seen) and gc.isenabled()
+    gc.disable()
+    try:
+        llm.generate(["Once upon a time"], params, use_tqdm=False)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
