@@ -16,6 +16,6 @@ MINISGL_DECODE_SORT=0 bench admission_order 60 "${std[@]}" --repeats 2
 MINISGL_DISABLE_KERNELS=1 bench no_kernels 60 "${std[@]}" --repeats 2
 MINISGL_DISABLE_OVERLAP_SCHEDULING=1 bench no_overlap 60 "${std[@]}" --repeats 2
 bench no_graphs 70 "${std[@]}" --repeats 2 --cuda-graph-max-bs 0
-bench qwen3_8b 130 --config-json "$cfg/qwen3-8b.json" --dummy-weight --repeats 3
+bench qwen3_8b 200 --config-json "$cfg/qwen3-8b.json" --dummy-weight --repeats 3
 bench attn_torch 60 "${std[@]}" --repeats 1 --attn torch --cuda-graph-max-bs 0
 echo "== $(date +%T) done"

@@ -16,7 +16,7 @@ class ServerArgs:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     tp: int = 1
     cache: str = "radix"  # radix | naive
-    max_prefill_length: int = 8192
+    max_prefill_length: int = 16384
     page_size: int = 0  # 0 = default (1 on CPU, 64 on GPU)
     attn: str = "auto"
     cuda_graph_max_bs: int = -1  # -1 = chosen from memory, 0 = disabled
