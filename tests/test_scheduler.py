@@ -583,6 +583,9 @@ def test_generate_pauses_the_garbage_collector(stories_dir: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     llm.generate(["Once upon a time"], params, use_tqdm=False)
     assert seen and not any(seen) and gc.isenabled()
+    with pytest.raises(ValueError, match="token ids"):
+        llm.generate([[10**9]], params, use_tqdm=False)
+    assert gc.isenabled()  # restored on errors too
     gc.disable()
     try:
         llm.generate(["Once upon a time"], params, use_tqdm=False)

@@ -88,6 +88,20 @@ class LLM:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         if self.client is not None:
             return self._generate_tp(prompts, params, use_tqdm)
+        # a collection pauses the host for up to ~10 ms (measured on the H100 machine), long
+        # enough to leave the GPU without its next step; reference counting still frees what
+        # the batch drops, and cycles are collected after it
+        gc_was_on = gc.isenabled()
+        gc.disable()
+        try:
+            return self._generate_local(prompts, params, use_tqdm)
+        finally:
+            if gc_was_on:
+                gc.enable()
+
+    def _generate_local(
+        self, prompts: list, params: list[SamplingParams], use_tqdm: bool
+    ) -> list[dict[str, object]]:
         uids = []
         for prompt, p in zip(prompts, params):
             uid = next(self._uids)
@@ -101,28 +115,19 @@ class LLM:
         bar = tqdm(total=len(uids), desc="Generating", disable=not use_tqdm, unit="req")
         start, finished = time.perf_counter(), 0
         pending = set(uids)
-        # a collection pauses the host for up to ~10 ms (measured on the H100 machine), long
-        # enough to leave the GPU without its next step; reference counting still frees what
-        # the loop drops, and cycles are collected once the batch is done
-        gc_was_on = gc.isenabled()
-        gc.disable()
-        try:
-            while pending:
-                self.scheduler.step()
-                pending -= self._done
-                now_done = len(uids) - len(pending)
-                if now_done != finished:
-                    toks = sum(len(self._outputs[u]) for u in uids)
-                    bar.set_postfix_str(
-                        f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
-                    )
-                    bar.update(now_done - finished)
-                    finished = now_done
-            while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:
-                self.scheduler.step()  # drain the step still in flight under overlap
-        finally:
-            if gc_was_on:
-                gc.enable()
+        while pending:
+            self.scheduler.step()
+            pending -= self._done
+            now_done = len(uids) - len(pending)
+            if now_done != finished:
+                toks = sum(len(self._outputs[u]) for u in uids)
+                bar.set_postfix_str(
+                    f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
+                )
+                bar.update(now_done - finished)
+                finished = now_done
+        while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:
+            self.scheduler.step()  # drain the step still in flight under overlap
         bar.close()
         results = []
         for u in uids:
