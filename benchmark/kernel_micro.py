@@ -8,6 +8,7 @@ shapes (Qwen3-0.6B: 16 q / 8 KV heads of 128, vocabulary 151,936), timed inside 
 from __future__ import annotations
 
 import itertools
+import sys
 
 import torch
 import triton
@@ -54,21 +55,24 @@ def qk_rope(tokens: int, hq: int = 16, hkv: int = 8, d: int = 128) -> None:
     cos_sin = torch.randn(4096, d, device="cuda")
     w = torch.ones(d, dtype=torch.bfloat16, device="cuda")
     res = []
-    for warps in (1, 2, 4):
+    for g, warps in itertools.product((1, 2, 4, 8), (1, 2, 4)):
 
-        def fn() -> None:
-            K.qk_rope_store_kernel[(tokens, hq + 2 * hkv)](
+        def fn(g: int = g, warps: int = warps) -> None:
+            K.qk_rope_store_kernel[(tokens, (hq + 2 * hkv) // g)](
                 qkv, q, kc, vc, loc, pos, cos_sin, w, w, 1e-6, qkv.stride(0), cos_sin.stride(0),
-                HQ=hq, HKV=hkv, D=d, NORM=True, num_warps=warps,
+                HQ=hq, HKV=hkv, D=d, NORM=True, G=g, num_warps=warps,
             )  # fmt: skip
 
-        res.append(f"warps={warps}: {per_call_us(fn):6.1f}us")
+        res.append((per_call_us(fn), f"heads={g} warps={warps}"))
+    res.sort()
+    res = [f"{t:6.1f}us {c}" for t, c in res[:5]]
     print(f"qk_rope tokens={tokens}: " + "  ".join(res))
 
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "triton", triton.__version__)
-    for r in (32, 160, 256):
-        gumbel(r)
+    if "--qk-only" not in sys.argv:
+        for r in (32, 160, 256):
+            gumbel(r)
     for t in (32, 160, 8192):
         qk_rope(t)

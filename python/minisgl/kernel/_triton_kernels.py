@@ -9,24 +9,27 @@ from triton.language.extra import libdevice
 def qk_rope_store_kernel(
     qkv, q_out, k_cache, v_cache, loc, pos, cos_sin, q_w, k_w, eps,
     qkv_stride, cs_stride,
-    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NORM: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
+    # one token, G heads of one kind: q heads, then k heads, then v heads (G divides HQ and
+    # HKV); rows are heads, columns the two rotary halves
     t = tl.program_id(0)
-    h = tl.program_id(1)  # q heads, then k heads, then v heads
+    h0 = tl.program_id(1) * G
     half: tl.constexpr = D // 2
-    offs = tl.arange(0, half)
-    src = qkv + t * qkv_stride + h * D
+    offs = tl.arange(0, half)[None, :]
+    heads = tl.arange(0, G)[:, None]
+    src = qkv + t * qkv_stride + (h0 + heads) * D
     x1 = tl.load(src + offs).to(tl.float32)
     x2 = tl.load(src + half + offs).to(tl.float32)
     slot = tl.load(loc + t)
-    if h >= HQ + HKV:  # V: stored as is
-        dst = v_cache + slot * (HKV * D) + (h - HQ - HKV) * D
+    if h0 >= HQ + HKV:  # V: stored as is
+        dst = v_cache + slot * (HKV * D) + (h0 - HQ - HKV + heads) * D
         tl.store(dst + offs, x1.to(v_cache.dtype.element_ty))
         tl.store(dst + half + offs, x2.to(v_cache.dtype.element_ty))
     else:
         if NORM:  # round like the torch path: normalise, to 16 bits, times the weight
-            r = tl.rsqrt((tl.sum(x1 * x1) + tl.sum(x2 * x2)) / D + eps)
-            if h < HQ:
+            r = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)[:, None]
+            if h0 < HQ:
                 w1, w2 = tl.load(q_w + offs), tl.load(q_w + half + offs)
             else:
                 w1, w2 = tl.load(k_w + offs), tl.load(k_w + half + offs)
@@ -36,10 +39,10 @@ def qk_rope_store_kernel(
         cos = tl.load(cos_sin + p * cs_stride + offs)
         sin = tl.load(cos_sin + p * cs_stride + half + offs)
         y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-        if h < HQ:
-            dst = q_out + t * (HQ * D) + h * D
+        if h0 < HQ:
+            dst = q_out + t * (HQ * D) + (h0 + heads) * D
         else:
-            dst = k_cache + slot * (HKV * D) + (h - HQ) * D
+            dst = k_cache + slot * (HKV * D) + (h0 - HQ + heads) * D
         tl.store(dst + offs, y1.to(q_out.dtype.element_ty))
         tl.store(dst + half + offs, y2.to(q_out.dtype.element_ty))
 

@@ -7,6 +7,7 @@ and the reference the GPU tests compare against."""
 from __future__ import annotations
 
 import functools
+import math
 import os
 from types import ModuleType
 
@@ -24,6 +25,9 @@ def _kernels() -> ModuleType | None:
     return _triton_kernels
 
 
+# heads per program of the q/k/RoPE kernel and its warps (benchmark/kernel_micro.py)
+_HEADS_PER_PROGRAM = int(os.environ.get("MINISGL_QK_HEADS", "1"))
+_QK_WARPS = int(os.environ.get("MINISGL_QK_WARPS", "1"))
 # the CPU tests may run the kernels in triton's interpreter (TRITON_INTERPRET=1, read at start)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -52,11 +56,12 @@ def qk_norm_rope_store(
     if t == 0:
         return q
     norm = q_weight is not None
-    _kernels().qk_rope_store_kernel[(t, num_heads + 2 * num_kv_heads)](
+    g = math.gcd(num_heads, num_kv_heads, _HEADS_PER_PROGRAM)
+    _kernels().qk_rope_store_kernel[(t, (num_heads + 2 * num_kv_heads) // g)](
         qkv, q, k_cache, v_cache, loc, pos, cos_sin,
         q_weight if norm else qkv, k_weight if norm else qkv, eps,
         qkv.stride(0), cos_sin.stride(0),
-        HQ=num_heads, HKV=num_kv_heads, D=d, NORM=norm, num_warps=1,
+        HQ=num_heads, HKV=num_kv_heads, D=d, NORM=norm, G=g, num_warps=_QK_WARPS,
     )  # fmt: skip
     return q
 
