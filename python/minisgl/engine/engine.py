@@ -148,10 +148,10 @@ class Engine:
         else:
             positions, row_of_token = prefix, rows
         out_loc = np.asarray(batch.out_loc, dtype=np.int64)
-        stale_rows, stale_pos = self.slots.take_stale()
+        stale_rows, stale_pos, stale_val = self.slots.take_stale()
         write_rows = np.concatenate([row_of_token, stale_rows])
         write_pos = np.concatenate([positions, stale_pos])
-        write_val = np.concatenate([out_loc, self.slots.np[stale_rows, stale_pos]])
+        write_val = np.concatenate([out_loc, stale_val])
         b, t, w = len(rows), len(positions), len(write_rows)
         packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, write_rows,
                                  write_pos, write_val])  # fmt: skip
@@ -170,11 +170,9 @@ class Engine:
     def flush_stale_slots(self) -> None:
         """Write slot-table entries the scheduler changed on the host (for steps that do not
         go through `_meta`, i.e. CUDA-graph decode steps)."""
-        rows, pos = self.slots.take_stale()
-        if rows.size:
-            packed = h2d(torch.from_numpy(np.concatenate([rows, pos, self.slots.np[rows, pos]])),
-                         self.device)  # fmt: skip
-            r, p, v = packed.split(len(rows))
+        stale = self.slots.take_stale()
+        if stale[0].size:
+            r, p, v = h2d(torch.from_numpy(np.concatenate(stale)), self.device).split(len(stale[0]))
             self.slot_table[r, p] = v.to(torch.int32)
 
     @torch.inference_mode()

@@ -63,7 +63,7 @@ class GraphRunner:
         self.ones = torch.ones(max_bs, dtype=torch.int64, device=dev)
         # padding entries read and write the scratch slot of the scratch row, greedily
         self.pad = np.array([self.scratch_row, 0, self.scratch_slot, 0, 0], dtype=np.int32)
-        self.sample_in_graph = triton_ops.available(self.meta_buf)
+        self.triton = triton_ops.available(self.meta_buf)  # prologue and sampling kernels
         self.rng = np.random.default_rng(engine.args.seed + 1)
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.tokens: dict[tuple[int, int], torch.Tensor] = {}
@@ -83,7 +83,8 @@ class GraphRunner:
                  time.perf_counter() - start)  # fmt: skip
 
     def _attn_meta(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> AttnMeta:
-        # device fields are the graph's buffers; FlashInfer plans from the host lists
+        # device fields are the graph's buffers; FlashInfer plans from the host lists. No
+        # graph-capable backend reads `seq_lens`: it is handed the positions buffer, not +1
         return AttnMeta(
             False, self.rows[:bs], self.positions[:bs], self.ones[:bs], self.positions[:bs],
             self.out_loc[:bs], prefix_host, [1] * bs, rows_host,
@@ -92,7 +93,7 @@ class GraphRunner:
     def _step(self, bs: int, buf: int) -> None:
         """The captured work of one decode step of (padded) size `bs`."""
         eng, m = self.engine, self.meta_buf[buf, :, :bs]
-        if self.sample_in_graph:  # Triton: one kernel for the five steps below
+        if self.triton:  # Triton: one kernel for the five steps below
             triton_ops.decode_prologue(m, eng.next_tokens, eng.slot_table, self.input_ids[:bs],
                                        self.rows[:bs], self.positions[:bs], self.out_loc[:bs])  # fmt: skip
         else:
@@ -104,7 +105,7 @@ class GraphRunner:
         hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
         logits = eng.model.logits(hidden)
         self.logits[bs, buf] = logits
-        if self.sample_in_graph:
+        if self.triton:
             temps = m[4].view(torch.float32)
             tokens = triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], eng.next_tokens)
             self.tokens[bs, buf] = tokens
@@ -163,7 +164,7 @@ class GraphRunner:
         torch._C._CUDAGraph.replay(self.graphs[bs, buf])
         self.released[buf] = torch.cuda.Event()
         self.released[buf].record(compute)
-        sampled = self.sample_in_graph and not info.needs_filter
+        sampled = self.triton and not info.needs_filter
         return self.logits[bs, buf][:b], self.tokens[bs, buf][:b] if sampled else None
 
     def copy_out(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:

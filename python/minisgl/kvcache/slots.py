@@ -20,14 +20,14 @@ class SlotTable:
         if end > start:
             self._stale.append((row, start, end))
 
-    def take_stale(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows, positions) of every stale entry, once; the values to write are `np[rows, pos]`
-        (always the latest, so a position marked twice gets one consistent value)."""
+    def take_stale(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, positions, values) of every stale entry, once; the values are read now, so a
+        position marked twice gets the latest one both times."""
         if not self._stale:
-            return _EMPTY, _EMPTY
+            return _EMPTY, _EMPTY, _EMPTY
         rows, pos = token_coords(*(np.array(x, dtype=np.int64) for x in zip(*self._stale)))
         self._stale.clear()
-        return rows, pos
+        return rows, pos, self.np[rows, pos]
 
 
 _EMPTY = np.zeros(0, dtype=np.int64)

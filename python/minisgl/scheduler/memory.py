@@ -23,8 +23,8 @@ class ReqMemory:
         self.cache = create_cache_manager(cache, self.ps)
         self.sharing = cache != "naive"
         self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
+        # the slot table's host copy (`slots.np`) is the truth; the device copy follows per step
         self.slots = engine.slots
-        self.host_slots = engine.slots.np  # the truth; the device copy follows per step
 
     # -- pages ------------------------------------------------------------------------------
     def ensure_free(self, num_pages: int) -> bool:
@@ -55,7 +55,7 @@ class ReqMemory:
         req.table_idx = self.free_rows.pop()
         req.cache_handle, req.cache_hit, req.cached_len = handle, hit, hit
         if hit:
-            self.host_slots[req.table_idx, :hit] = prefix
+            self.slots.np[req.table_idx, :hit] = prefix
             self.slots.mark_stale(req.table_idx, 0, hit)
         return True
 
@@ -98,14 +98,14 @@ class ReqMemory:
         if not self.sharing or req.table_idx < 0 or n <= req.cache_hit:
             return
         row, ids = req.table_idx, req.token_ids[:n]
-        already = self.cache.insert(ids, self.host_slots[row, :n])
+        already = self.cache.insert(ids, self.slots.np[row, :n])
         handle, slots = self.cache.match_prefix(ids)
         self.cache.lock(handle)
         if req.cache_handle is not None:
             self.cache.unlock(req.cache_handle)
         if already > req.cache_hit:
-            self._free_slots(self.host_slots[row, req.cache_hit : already])
-            self.host_slots[row, :n] = slots
+            self._free_slots(self.slots.np[row, req.cache_hit : already])
+            self.slots.np[row, :n] = slots
             self.slots.mark_stale(row, 0, n)
         req.cache_handle, req.cache_hit = handle, n
 
@@ -115,7 +115,7 @@ class ReqMemory:
         if row < 0:
             return
         known = min(len(req.token_ids), req.cached_len) // ps * ps
-        slots = self.host_slots[row, : _cdiv(req.cached_len, ps) * ps]
+        slots = self.slots.np[row, : _cdiv(req.cached_len, ps) * ps]
         already = self.cache.insert(req.token_ids[:known], slots[:known])
         self._free_slots(slots[req.cache_hit : already])  # duplicates of what the cache had
         self._free_slots(slots[known:])
