@@ -8,6 +8,9 @@ Standard run (Qwen3-0.6B shape, dummy weights, 256 requests, 133,966 output toke
 Workload: `random.seed(seed)`; for each request `randint(min_in, max_in)` input tokens, each
 `randint(0, max_token_id)` (all inputs first); then one `randint(min_out, max_out)` output length
 per request. Sampling: temperature 0.6, `ignore_eos`. Every run generates the same batch.
+
+Every run's output is verified (each request exactly its length, every id in [0, vocab)); a
+run that fails prints why and the script exits with status 3 instead of printing a figure.
 """
 
 from __future__ import annotations
@@ -117,22 +120,47 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def run_once(
-    llm: Any, prompts: list[list[int]], params: list[Any], out_lens: list[int]
-) -> tuple[int, float]:
-    """Generate the whole batch; return (output tokens, seconds)."""
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - t0
-    got = [len(o["token_ids"]) for o in outs]
-    if len(outs) != len(prompts):
-        raise RuntimeError(f"expected {len(prompts)} outputs, got {len(outs)}")
-    bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, out_lens)) if g != w]
-    if bad:
-        raise RuntimeError(
-            f"{len(bad)} outputs have the wrong length (index, got, want): {bad[:5]}"
+class WrongOutput(RuntimeError):
+    """The engine's output failed verification: no throughput figure is printed."""
+
+
+def verify(outs: list[dict[str, Any]], out_lens: list[int], vocab: int) -> None:
+    """Every request its exact length, every id in [0, vocab); raises WrongOutput."""
+    if len(outs) != len(out_lens):
+        raise WrongOutput(f"expected {len(out_lens)} outputs, got {len(outs)}")
+    wrong = [(i, len(o["token_ids"]), w) for i, (o, w) in enumerate(zip(outs, out_lens))
+             if len(o["token_ids"]) != w]  # fmt: skip
+    ids = [t for o in outs for t in o["token_ids"]]
+    bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
+    if wrong or bad:
+        raise WrongOutput(
+            f"{len(wrong)} outputs of the wrong length (index, got, want) {wrong[:3]}; "
+            f"{len(bad)} of {len(ids)} ids outside [0, {vocab}) {[hex(t) for t in bad[:3]]}"
         )
-    return sum(got), seconds
+
+
+def run_once(
+    llm: Any, prompts: list[list[int]], params: list[Any], out_lens: list[int], vocab: int
+) -> tuple[int, float]:
+    """Generate the whole batch and verify it; return (output tokens, seconds)."""
+    t0 = time.perf_counter()
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    except RuntimeError as e:  # the engine itself refused a corrupted step
+        raise WrongOutput(str(e)) from e
+    seconds = time.perf_counter() - t0
+    verify(outs, out_lens, vocab)
+    return sum(len(o["token_ids"]) for o in outs), seconds
+
+
+def vocab_size(llm: Any, model: str) -> int:
+    engine = getattr(llm, "engine", None)
+    if engine is not None:
+        return engine.cfg.vocab_size
+    from minisgl.models import ModelConfig
+    from minisgl.models.weights import resolve_model_path
+
+    return ModelConfig.from_dir(resolve_model_path(model)).vocab_size
 
 
 def prepare(
@@ -189,9 +217,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             use_tqdm=False,
         )
 
+    vocab = vocab_size(llm, model)
     runs: list[dict[str, float]] = []
     for i in range(args.repeats):
-        tokens, seconds = run_once(llm, prompts, params, out_lens)
+        try:
+            tokens, seconds = run_once(llm, prompts, params, out_lens, vocab)
+        except WrongOutput as e:
+            print(f"run {i + 1}/{args.repeats}: WRONG OUTPUT, no figure: {e}", flush=True)
+            sys.exit(3)
         runs.append({"output_tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds})
         print(
             f"run {i + 1}/{args.repeats}: {tokens} output tokens in {seconds:.2f} s "

@@ -25,6 +25,8 @@ def write(model_dir: str) -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "unk_token": "t0",
         "model_max_length": 1 << 20,
+        # the reference's peer directories use this template too: a prompt is its words
+        "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
     }
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     print(f"wrote a {vocab_size}-word tokenizer to {d}")

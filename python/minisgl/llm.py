@@ -43,8 +43,12 @@ class LLM:
         self.tokenizer = load_tokenizer(self.engine.model_path, self.args.chat_template)
         self._outputs: dict[int, list[int]] = {}
         self._done: set[int] = set()
+        self._errors: dict[int, str] = {}
         self.scheduler = Scheduler(self.engine, self.args, self._collect)
         self._uids = itertools.count()
+        if self.engine.device == "cuda":
+            log.info("warm-up: compiling the prefill, decode and sampling kernels")
+            log.info("warm-up done in %.1f s", self.scheduler.warmup())
 
     def _init_workers(self) -> None:
         from .models.weights import resolve_model_path
@@ -59,7 +63,11 @@ class LLM:
         self.client = WorkerClient(self.args)
         self._finalizer = weakref.finalize(self, self.client.close)
 
-    def _collect(self, msg: TokenOut) -> None:
+    def _collect(self, msg: TokenOut | ErrorOut) -> None:
+        if isinstance(msg, ErrorOut):
+            self._errors[msg.uid] = msg.message
+            self._done.add(msg.uid)
+            return
         for uid, tok, fin in zip(msg.uids, msg.tokens, msg.finished):
             self._outputs[uid].append(tok)
             if fin is not None:
@@ -129,6 +137,12 @@ class LLM:
         while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:
             self.scheduler.step()  # drain the step still in flight under overlap
         bar.close()
+        errors = [self._errors.pop(u) for u in uids if u in self._errors]
+        if errors:
+            for u in uids:
+                self._outputs.pop(u, None)
+                self._done.discard(u)
+            raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
         results = []
         for u in uids:
             ids = self._outputs.pop(u)

@@ -19,10 +19,11 @@ from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
 from ..models import ModelConfig, check_architecture, create_model
 from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
-from ..utils import h2d
+from ..utils import env_flag, h2d
 from .sampler import Sampler, SamplingInfo, gather_logprobs
 
 log = logging.getLogger("minisgl.engine")
+POISON_ID = 1 << 40  # added to the vocabulary size: an id no embedding row has
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,8 +57,15 @@ class Engine:
         self.page_size = args.page_size or (1 if self.device == "cpu" else 64)
         self.max_reqs = args.max_running_requests
 
-        with torch.device(self.device):
-            self.model = create_model(self.cfg, self.max_seq_len).to(self.dtype)
+        # parameters are created in their final dtype: made in float32 and cast, the freed
+        # float32 copies stayed in torch's cache and were counted as used by the KV sizing
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = create_model(self.cfg, self.max_seq_len)
+        finally:
+            torch.set_default_dtype(default_dtype)
         # 16-bit models see 16-bit-rounded rotary tables, as in the reference implementation
         rope = self.model.model.layers[0].self_attn.rope
         rope.cos_sin = rope.cos_sin.to(self.dtype).float()
@@ -89,6 +97,14 @@ class Engine:
         self.slots = SlotTable(self.max_reqs + 1, self.max_seq_len, self.device)
         self.slot_table = self.slots.device
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
+        # debug mode: memory that must be written before it is read starts as NaN / out-of-range
+        # ids, and every sampled-from logit row is checked for non-finite values (issue 15)
+        self.poison = env_flag("MINISGL_DEBUG_POISON")
+        self.nonfinite_logits = torch.zeros((), dtype=torch.int64, device=self.device)
+        if self.poison:
+            self.pool.k.fill_(float("nan"))
+            self.pool.v.fill_(float("nan"))
+            self.next_tokens[: self.max_reqs] = self.cfg.vocab_size + POISON_ID
         self.attn = create_backend(
             args.attn, self.device, self.pool, self.slots,
             self.cfg.num_heads // self.tp.size, kv_heads, self.cfg.head_dim,
@@ -122,6 +138,7 @@ class Engine:
         if self.device == "cpu":
             tokens = min(32768, (2 << 30) // per_token)
         else:
+            torch.cuda.empty_cache()  # what torch caches but no tensor holds is free for the KV
             free, total = torch.cuda.mem_get_info()
             # keep (1 - memory_ratio) of the card free, plus room for activations and graphs
             budget = free - total * (1 - self.args.memory_ratio) - (3 << 30)
@@ -199,6 +216,7 @@ class Engine:
             return StepOutput(batch, logits, None, None)
         if tokens is None:  # sampled outside the graph (top-k/top-p rows, or no Triton)
             return self._sample(batch, self.graphs.rows[: batch.size], logits)
+        self._watch(logits)
         if info.logprob_rows:
             return self._launch_copy(batch, tokens, logits, info)
         host, event = self.graphs.copy_out(tokens)
@@ -213,9 +231,14 @@ class Engine:
             idx = h2d(torch.tensor(picked), self.device)
             logits, rows = logits[idx], rows[idx]
         info = self._sampling_info(reqs, batch.sample_positions)
+        self._watch(logits)
         tokens = self.sampler(logits, info)
         self.next_tokens[rows] = tokens
         return self._launch_copy(batch, tokens, logits, info)
+
+    def _watch(self, logits: torch.Tensor) -> None:
+        if self.poison:  # counted on the device: no sync; read by tests and the benchmark
+            self.nonfinite_logits += (~torch.isfinite(logits)).sum()
 
     def _launch_copy(
         self, batch: Batch, tokens: torch.Tensor, logits: torch.Tensor, info: SamplingInfo

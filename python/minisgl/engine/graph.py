@@ -40,7 +40,16 @@ class GraphRunner:
     The copies (ours and the plan's) go to a side stream, and each bucket is captured twice,
     over two sets of metadata buffers used by alternate steps: step N+1's copies then run
     while step N's graph runs, instead of between the graphs, where each host-to-device copy
-    left the GPU idle for 15-45 us (measured)."""
+    left the GPU idle for 15-45 us (measured).
+
+    Every graph shares one memory pool, so a graph's intermediates may sit where a graph
+    captured after it keeps its outputs (PyTorch only keeps a capture's *live* tensors out of
+    later captures). The sampled tokens are read back on a side stream while the next graph
+    already runs: kept in the pool, they were overwritten by that graph's activations (bf16
+    words read as int64 ids, issue 15). They therefore live in `token_out`, outside the pool,
+    one row per buffer set, and a replay waits until the copy of its row's last tokens is done.
+    The logits stay in the pool: everything that reads them is queued on the compute stream
+    before the next replay."""
 
     META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
 
@@ -61,12 +70,12 @@ class GraphRunner:
         self.out_loc = torch.full((max_bs,), self.scratch_slot, dtype=torch.int64, device=dev)
         self.rows = torch.full((max_bs,), self.scratch_row, dtype=torch.int64, device=dev)
         self.ones = torch.ones(max_bs, dtype=torch.int64, device=dev)
+        self.token_out = torch.zeros(2, max_bs, dtype=torch.int64, device=dev)
         # padding entries read and write the scratch slot of the scratch row, greedily
         self.pad = np.array([self.scratch_row, 0, self.scratch_slot, 0, 0], dtype=np.int32)
         self.triton = triton_ops.available(self.meta_buf)  # prologue and sampling kernels
         self.rng = np.random.default_rng(engine.args.seed + 1)
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
-        self.tokens: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.copy_stream = torch.cuda.Stream()  # metadata in
         self.out_stream = torch.cuda.Stream()  # sampled tokens out
@@ -81,6 +90,12 @@ class GraphRunner:
                 self._capture(bs, buf, pool)
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
+        if engine.poison:  # what a replay reads must be what it or its copies wrote
+            for t in (self.input_ids, self.positions, self.out_loc, self.rows, self.meta_buf):
+                t.fill_(-(1 << 30))
+            self.token_out.fill_(-1)
+            for logits in self.logits.values():
+                logits.fill_(float("nan"))
 
     def _attn_meta(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> AttnMeta:
         # device fields are the graph's buffers; FlashInfer plans from the host lists. No
@@ -107,8 +122,8 @@ class GraphRunner:
         self.logits[bs, buf] = logits
         if self.triton:
             temps = m[4].view(torch.float32)
-            tokens = triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], eng.next_tokens)
-            self.tokens[bs, buf] = tokens
+            out = self.token_out[buf, :bs]
+            triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], eng.next_tokens, out)
 
     @torch.inference_mode()
     def _capture(self, bs: int, buf: int, pool: object) -> None:
@@ -165,7 +180,7 @@ class GraphRunner:
         self.released[buf] = torch.cuda.Event()
         self.released[buf].record(compute)
         sampled = self.triton and not info.needs_filter
-        return self.logits[bs, buf][:b], self.tokens[bs, buf][:b] if sampled else None
+        return self.logits[bs, buf][:b], self.token_out[buf, :b] if sampled else None
 
     def copy_out(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Start copying the last replay's sampled tokens to the host on a side stream (so the

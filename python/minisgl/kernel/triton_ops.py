@@ -73,10 +73,12 @@ def gumbel_sample(
     seeds: torch.Tensor,
     rows: torch.Tensor | None = None,
     next_tokens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row: argmax for temperature 0, else a draw from softmax(logits / T) whose
     noise depends only on the row's seed (int32) and the column, not on the rest of the batch.
-    With `rows`, token i is also stored at `next_tokens[rows[i]]`."""
+    With `rows`, token i is also stored at `next_tokens[rows[i]]`; with `out` (int64 [n]) the
+    tokens are written there instead of a new tensor."""
     n, vocab = logits.shape
     splits, block = 16, 2048  # measured fastest at 160 rows (benchmark/kernel_micro.py)
     chunk = -(-vocab // (splits * block)) * block
@@ -87,7 +89,7 @@ def gumbel_sample(
         logits, temps, seeds, vals, idx, vocab, logits.stride(0),
         CHUNK=chunk, BLOCK=block, SPLITS=splits, FAST=logits.is_cuda, num_warps=4,
     )  # fmt: skip
-    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
+    tokens = torch.empty(n, dtype=torch.int64, device=logits.device) if out is None else out
     scatter = rows is not None
     k.gumbel_finish_kernel[(n,)](
         vals, idx, tokens, rows if scatter else tokens, next_tokens if scatter else tokens,

@@ -93,11 +93,15 @@ def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> Non
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
     """Random weights of a sensible scale, so dummy runs produce finite, varied logits."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    # drawn where the parameters live, in their dtype: on the CPU in float32 one tensor at a
+    # time the Qwen3-8B shape took ~2 min before the engine was ready; on a GPU it is ms
+    gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
-            else:
-                cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=gen)
-                p.copy_(cpu)
+                continue
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            p.uniform_(-0.02, 0.02, generator=gen)

@@ -72,6 +72,9 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
             send.send(encode(msg), copy=False)
 
     sched = Scheduler(engine, args, emit)
+    if engine.device == "cuda":
+        log.info("warm-up: compiling the prefill, decode and sampling kernels")
+        log.info("warm-up done in %.1f s", sched.warmup())
     bcast = _Broadcaster() if args.tp > 1 else None
     launcher = ctx.socket(zmq.PUSH)
     launcher.connect(f"ipc://{args.zmq_dir}/launcher")

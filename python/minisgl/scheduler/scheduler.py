@@ -9,13 +9,14 @@ engine's `next_tokens`, so launching N+1 never waits for N.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
 from ..args import ServerArgs, decode_sort_enabled, overlap_enabled
 from ..core import Batch, FinishReason, Req, SamplingParams
 from ..engine.engine import Engine, StepOutput
-from ..messages import TokenOut
+from ..messages import ErrorOut, TokenOut
 from .memory import ReqMemory
 
 log = logging.getLogger("minisgl.scheduler")
@@ -23,7 +24,7 @@ log = logging.getLogger("minisgl.scheduler")
 
 class Scheduler:
     def __init__(
-        self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut], None]
+        self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut | ErrorOut], None]
     ) -> None:
         self.engine, self.args, self.on_output = engine, args, on_output
         self.mem = ReqMemory(engine, args.cache)
@@ -38,6 +39,7 @@ class Scheduler:
         self.last: StepOutput | None = None
         self.last_was_prefill = False
         self.eos = set(engine.cfg.eos_token_ids)
+        self.vocab = engine.cfg.vocab_size
         self.debug_checks = False  # tests turn on the invariant check after every step
         self.counters = dict(prefix_hit_tokens=0, prefill_tokens=0, decode_tokens=0, retracted=0)
 
@@ -191,6 +193,38 @@ class Scheduler:
         self.mem.release(req)
         self.waiting.appendleft(req)
 
+    def warmup(self) -> float:
+        """Run every path a request can take once before serving (prefill with and without a
+        cached prefix, chunked prefill, graph decode, greedy, temperature, top-k/top-p, seeds,
+        logprobs), so that FlashInfer's JIT modules and Triton's kernels are compiled now: on a
+        fresh H200 the first requests otherwise waited 79 s for their first token. Leaves no
+        trace: outputs dropped, cache flushed, counters reset. Returns the seconds it took."""
+        start, emit, budget = time.perf_counter(), self.on_output, self.prefill_budget
+        self.on_output = lambda _msg: None
+        ps, vocab = self.mem.ps, self.engine.cfg.vocab_size
+        n = max(1, min(2 * ps + 3, (self.engine.max_seq_len - 8) // 2))
+        base = [(7 * i + 3) % vocab for i in range(n)]
+        kinds = [
+            dict(temperature=0.0), dict(temperature=0.7), dict(temperature=0.7, seed=1),
+            dict(temperature=0.7, top_k=4, top_p=0.9, logprobs=2),
+        ]  # fmt: skip
+        try:
+            for rnd in range(2):  # the second round hits the prefix cache and chunks
+                self.prefill_budget = budget if rnd == 0 else max(1, n // 2)
+                for i, kw in enumerate(kinds):
+                    prompt = base[: n - i] if rnd == 0 else base + [i + 1] * (i + 1)
+                    params = SamplingParams(max_tokens=4, ignore_eos=True, **kw)
+                    self.add(
+                        -1 - i - len(kinds) * rnd, prompt[: self.engine.max_seq_len - 4], params
+                    )
+                while self.busy:
+                    self.step()
+        finally:
+            self.on_output, self.prefill_budget = emit, budget
+        self.mem.ensure_free(self.mem.pages.num_pages)  # evicts the warm-up's cached prefixes
+        self.counters = dict.fromkeys(self.counters, 0)
+        return time.perf_counter() - start
+
     # -- results ----------------------------------------------------------------------------
     def _process(self, out: StepOutput) -> None:
         b = out.batch
@@ -216,6 +250,14 @@ class Scheduler:
                 lp_row += 1
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight
+            if not 0 <= tok < self.vocab:
+                # a corrupted step (issue 15: the host copy was overwritten): fail this request
+                # alone; checked on the host copy, where that corruption happened, after the
+                # step's event (no extra sync)
+                log.error("request %d: sampled id %d outside [0, %d)", req.uid, tok, self.vocab)
+                self._finish(req, FinishReason.ABORT)
+                self.on_output(ErrorOut(req.uid, "internal error: invalid token sampled", 500))
+                continue
             req.token_ids.append(tok)
             reason = None
             if (tok in self.eos and not req.params.ignore_eos) or tok in req.params.stop_token_ids:

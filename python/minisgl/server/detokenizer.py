@@ -154,7 +154,7 @@ class Detokenizer:
             self.inc.drop(msg.uid)
         return [msg]
 
-    def handle_tokens(self, msg: TokenOut) -> list[TextOut]:
+    def handle_tokens(self, msg: TokenOut) -> list[TextOut | ErrorOut]:
         n = len(msg.uids)
         logprobs = msg.logprobs or [None] * n
         cached = msg.cached or [0] * n
@@ -177,11 +177,27 @@ class Detokenizer:
         if not order:
             return []
         items = [(uid, g["ids"], g["done"] is not None) for uid, g in order.items()]
-        texts = self.inc.step(items)
-        return [
-            TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"])
-            for (uid, g), text in zip(order.items(), texts)
-        ]
+        try:
+            texts: list[str | Exception] = list(self.inc.step(items))
+        except Exception:  # one undecodable id must fail its own request, not the worker
+            # the states already hold the new ids: decode each request again on its own
+            texts = [self._step_one((uid, [], done)) for uid, _, done in items]
+        out: list[TextOut | ErrorOut] = []
+        for (uid, g), text in zip(order.items(), texts):
+            if isinstance(text, Exception):
+                logger.error("request %d: cannot detokenize %s: %s", uid, g["ids"][-8:], text)
+                self.inc.drop(uid)
+                self.aborted[uid] = None  # its later tokens are dropped, not decoded again
+                out.append(ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500))
+            else:
+                out.append(TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"]))  # fmt: skip
+        return out
+
+    def _step_one(self, item: tuple[int, list[int], bool]) -> str | Exception:
+        try:
+            return self.inc.step([item])[0]
+        except Exception as e:
+            return e
 
 
 def run_detokenizer(args: Any) -> None:
