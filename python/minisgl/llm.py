@@ -229,6 +229,7 @@ class LLM:
             return
         self.scheduler = None  # type: ignore[assignment]
         self.engine = None  # type: ignore[assignment]
+        gc.unfreeze()  # the engine froze what existed at its start, itself included
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -32,6 +32,9 @@ def _import_flashinfer():  # noqa: ANN202
     # element: ~3 ms per plan at 128 requests, with the GPU idle (measured on the H100). A
     # module-level `max` that reduces tensors in one call shadows the builtin there.
     flashinfer.prefill.max = _tensor_max
+    import flashinfer.decode  # its tensor-core plan takes the same max()
+
+    flashinfer.decode.max = _tensor_max
     return flashinfer
 
 
@@ -59,16 +62,22 @@ class FlashInferBackend(AttentionBackend):
         self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
         # measured on H100 at group size 2: CUDA-core decode 2.4 TB/s vs 1.2 TB/s with tensor
-        # cores (benchmark/attn_micro.py); wide query groups favour tensor cores
+        # cores through FA3, which FlashInfer's "auto" picks on Hopper (benchmark/attn_micro.py);
+        # from group 4 the tensor-core kernel is used through FA2, as the reference does
         group = num_heads // num_kv_heads
         self.tensor_cores = (
-            os.environ.get("MINISGL_FI_TENSOR_CORES", "1" if group >= 8 else "0") == "1"
+            os.environ.get("MINISGL_FI_TENSOR_CORES", "1" if group >= 4 else "0") == "1"
         )
-        self.decode = fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_tensor_cores=self.tensor_cores
-        )
+        self.decode_backend = os.environ.get("MINISGL_FI_DECODE_BACKEND", "fa2")
+        self.decode = self._decode_wrapper()
         self.graph_wrappers: dict[tuple[int, int], object] = {}
         self.active = self.decode
+
+    def _decode_wrapper(self, **graph_buffers: torch.Tensor) -> object:
+        return self.fi.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=bool(graph_buffers),
+            use_tensor_cores=self.tensor_cores, backend=self.decode_backend, **graph_buffers,
+        )  # fmt: skip
 
     # -- metadata ---------------------------------------------------------------------------
     def _page_indices(self, meta: AttnMeta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,8 +135,7 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         dev = self.pool.k.device
-        wrapper = self.fi.BatchDecodeWithPagedKVCacheWrapper(
-            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=self.tensor_cores,
+        wrapper = self._decode_wrapper(
             paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
             paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
             paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
