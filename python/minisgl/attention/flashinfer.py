@@ -61,12 +61,12 @@ class FlashInferBackend(AttentionBackend):
         dev = pool.k.device
         self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
-        # measured on H100 at group size 2: CUDA-core decode 2.4 TB/s vs 1.2 TB/s with tensor
-        # cores through FA3, which FlashInfer's "auto" picks on Hopper (benchmark/attn_micro.py);
-        # from group 4 the tensor-core kernel is used through FA2, as the reference does
+        # decode on the H200 (benchmark/attn_micro.py, bs 170, ctx ~1K, page 256): tensor cores
+        # through FA2 3.3-3.4 TB/s at GQA group 2 and 4; CUDA cores 2.9 / 2.0 TB/s; tensor cores
+        # through FA3 (what FlashInfer's "auto" picks on Hopper) 1.6 / 0.9 TB/s
         group = num_heads // num_kv_heads
         self.tensor_cores = (
-            os.environ.get("MINISGL_FI_TENSOR_CORES", "1" if group >= 4 else "0") == "1"
+            os.environ.get("MINISGL_FI_TENSOR_CORES", "1" if group >= 2 else "0") == "1"
         )
         self.decode_backend = os.environ.get("MINISGL_FI_DECODE_BACKEND", "fa2")
         self.decode = self._decode_wrapper()

@@ -91,11 +91,15 @@ class GraphRunner:
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
         if engine.poison:  # what a replay reads must be what it or its copies wrote
-            for t in (self.input_ids, self.positions, self.out_loc, self.rows, self.meta_buf):
-                t.fill_(-(1 << 30))
-            self.token_out.fill_(-1)
-            for logits in self.logits.values():
-                logits.fill_(float("nan"))
+            self._poison()
+
+    @torch.inference_mode()
+    def _poison(self) -> None:
+        for t in (self.input_ids, self.positions, self.out_loc, self.rows, self.meta_buf):
+            t.fill_(-(1 << 30))
+        self.token_out.fill_(-1)
+        for logits in self.logits.values():
+            logits.fill_(float("nan"))
 
     def _attn_meta(self, bs: int, rows_host: list[int], prefix_host: list[int]) -> AttnMeta:
         # device fields are the graph's buffers; FlashInfer plans from the host lists. No
