@@ -86,10 +86,11 @@ async def send(
 
 def check(text: str, max_tokens: int, vocab: int) -> str:
     """Why this output is wrong, or ''."""
-    words = text.split()
-    bad = [w for w in words if not (m := WORD.fullmatch(w)) or int(m.group(1)) >= vocab]
-    if bad:
-        return f"{len(bad)} words are no token of the vocabulary, e.g. {bad[:2]}"
+    words = WORD.findall(text)
+    if WORD.sub("", text).strip():
+        return f"text that is no token of the vocabulary: {WORD.sub('', text).strip()[:40]!r}"
+    if any(int(w) >= vocab for w in words):
+        return f"ids outside [0, {vocab})"
     if len(words) != max_tokens:
         return f"{len(words)} tokens instead of {max_tokens}"
     return ""
@@ -116,7 +117,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Any], list[str], float]:
         duration = time.perf_counter() - start
     results, texts = [r for r, _ in out], [x for _, x in out]
     for r, x, (_, n) in zip(results, texts, reqs):
-        r.output_tokens = len(x.split())
+        r.output_tokens = len(WORD.findall(x))
         if r.ok and (why := check(x, n, args.vocab)):
             r.ok, r.error = False, why
     return results, texts, duration

@@ -21,9 +21,10 @@ def write(model_dir: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(d / "tokenizer.json"))
+    # no special tokens in the config: a decode with skip_special_tokens would drop the word of
+    # a sampled special id (seen: `t0` as unk_token cost one word at temperature 0.6)
     cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": "t0",
         "model_max_length": 1 << 20,
         # the reference's peer directories use this template too: a prompt is its words
         "chat_template": "{% for m in messages %}{{ m['content'] }} {% endfor %}",
