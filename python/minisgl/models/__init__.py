@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
-# Qwen2 and Qwen3 are the Llama decoder with q/k/v bias or per-head q/k norm (see ModelConfig)
+# all are the Llama decoder with q/k/v bias, per-head q/k norm or expert MLPs (see ModelConfig);
+# Mistral3ForConditionalGeneration loads its language model only
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Mistral3ForConditionalGeneration": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
 
 
@@ -23,8 +28,24 @@ def check_architecture(cfg: ModelConfig) -> None:
 
 
 def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
+    """The model for sequences of up to `max_pos` tokens, its parameters left uninitialised
+    in the checkpoint's 16-bit dtype (the engine then casts): a 30B model never exists in
+    float32 (122 GB) on the device."""
     check_architecture(cfg)
-    return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
+    window = cfg.sliding_window
+    if window is not None and window < max_pos:
+        raise ValueError(
+            f"{cfg.architecture} attends over a sliding window of {window} tokens, which the "
+            f"attention backends cannot do; pass --max-seq-len {window} or less (up to the "
+            "window, full attention is the same)"
+        )
+    old = torch.get_default_dtype()
+    if cfg.torch_dtype in ("bfloat16", "float16"):
+        torch.set_default_dtype(getattr(torch, cfg.torch_dtype))
+    try:
+        return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
+    finally:
+        torch.set_default_dtype(old)
 
 
 __all__ = ["MODEL_REGISTRY", "ModelConfig", "check_architecture", "create_model"]
