@@ -457,7 +457,11 @@ def load_hf_model(path: str) -> torch.nn.Module:
         import transformers
 
         arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
-        cls = getattr(transformers, arch) if "Conditional" in arch else transformers.AutoModelForCausalLM
+        cls = (
+            getattr(transformers, arch)
+            if "Conditional" in arch
+            else transformers.AutoModelForCausalLM
+        )
         model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         _HF_CACHE[path] = model.eval()
     return _HF_CACHE[path]

@@ -66,14 +66,10 @@ def fused_moe_torch(
 
 
 def _config(pairs: int, num_experts: int) -> dict[str, int]:
-    # tiles of at least 16 rows (tl.dot's minimum), up to 64 when experts get many tokens;
-    # small tiles stream the weights with longer K steps (decode is bandwidth-bound)
-    per_expert = pairs // num_experts
-    if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4)
-    if per_expert <= 32:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=4, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4)
+    # row tiles of 16 (tl.dot's minimum) to 64 rows, about what one expert gets; the same K
+    # step for every tile size, so a row's sums do not change with the batch's size
+    m = min(64, max(16, 1 << (max(1, pairs // num_experts) - 1).bit_length()))
+    return dict(BLOCK_M=m, BLOCK_N=64, BLOCK_K=64, GROUP_M=m // 8, num_warps=4)
 
 
 def moe_align(

@@ -51,7 +51,9 @@ class Experts(nn.Module):
         for s, part in zip([0, 1] if shard is None else [shard], parts):
             default_loader(dst.narrow(-2, s * self.local, self.local), self._mine(part, -2))
 
-    def load_down(self, param: torch.Tensor, loaded: torch.Tensor, expert: int | None = None) -> None:
+    def load_down(
+        self, param: torch.Tensor, loaded: torch.Tensor, expert: int | None = None
+    ) -> None:
         dst = param.data if expert is None else param.data[expert]
         default_loader(dst, self._mine(loaded, -1))
 
