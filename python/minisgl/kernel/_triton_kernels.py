@@ -143,11 +143,11 @@ def moe_count_kernel(topk_ids, counts, n, E: tl.constexpr, EP: tl.constexpr, BLO
 
 @triton.jit
 def moe_offsets_kernel(
-    slots, expert_ids, padded_len, sorted_ids, n, tiles, pad_len,
+    slots, expert_ids, padded_len, tiles,
     E: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    # one program: each expert's run padded to BLOCK_M, its start (the scatter's first slot),
-    # the owner of every tile and the padding marker n in every slot
+    # one program: each expert's run padded to BLOCK_M, its start (the scatter's first slot)
+    # and the owner of every tile
     e = tl.arange(0, EP)
     counts = tl.load(slots + e, mask=e < E, other=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
@@ -158,9 +158,6 @@ def moe_offsets_kernel(
         b = start + tl.arange(0, CHUNK)
         owner = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
         tl.store(expert_ids + b, tl.minimum(owner, E - 1), mask=b < tiles)
-    for start in range(0, pad_len, CHUNK):
-        i = start + tl.arange(0, CHUNK)
-        tl.store(sorted_ids + i, n, mask=i < pad_len)
 
 
 @triton.jit

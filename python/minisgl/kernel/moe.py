@@ -80,7 +80,7 @@ def moe_align(
     pairs, dev = topk_ids.numel(), topk_ids.device
     pad_len = pairs + min(num_experts, pairs) * (block_m - 1)
     tiles = -(-pad_len // block_m)
-    sorted_ids = torch.empty(pad_len, dtype=torch.int32, device=dev)
+    sorted_ids = torch.full((pad_len,), pairs, dtype=torch.int32, device=dev)  # T k: padding
     expert_ids = torch.empty(tiles, dtype=torch.int32, device=dev)
     # counts per expert, then (after the prefix sums) each expert's next free slot
     slots = torch.zeros(num_experts, dtype=torch.int32, device=dev)
@@ -89,9 +89,8 @@ def moe_align(
     grid = (-(-pairs // block),)
     k.moe_count_kernel[grid](topk_ids, slots, pairs, E=num_experts, EP=ep, BLOCK=block)
     k.moe_offsets_kernel[(1,)](
-        slots, expert_ids, padded_len, sorted_ids, pairs, tiles, pad_len,
-        E=num_experts, EP=ep, BLOCK_M=block_m, CHUNK=256,
-    )  # fmt: skip
+        slots, expert_ids, padded_len, tiles, E=num_experts, EP=ep, BLOCK_M=block_m, CHUNK=256
+    )
     k.moe_scatter_kernel[grid](topk_ids, slots, sorted_ids, pairs, BLOCK=block)
     return sorted_ids, expert_ids, padded_len
 
@@ -102,14 +101,17 @@ def fused_moe_triton(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    config: dict[str, int] | None = None,
 ) -> torch.Tensor:
+    """`fused_moe` through the kernels; `config` (tile sizes, warps) overrides `_config`'s
+    choice, for benchmark/moe_micro.py's sweeps."""
     t, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, inter = w13.shape[0], w2.shape[2]
     pairs = t * top_k
     if pairs == 0:
         return torch.zeros_like(x)
-    cfg = _config(pairs, num_experts)
+    cfg = config or _config(pairs, num_experts)
     sorted_ids, expert_ids, padded_len = moe_align(topk_ids, num_experts, cfg["BLOCK_M"])
     h = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
     y = torch.empty(pairs, hidden, dtype=x.dtype, device=x.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .config import ModelConfig
@@ -28,9 +27,7 @@ def check_architecture(cfg: ModelConfig) -> None:
 
 
 def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
-    """The model for sequences of up to `max_pos` tokens, its parameters left uninitialised
-    in the checkpoint's 16-bit dtype (the engine then casts): a 30B model never exists in
-    float32 (122 GB) on the device."""
+    """The model for sequences of up to `max_pos` tokens (its parameters uninitialised)."""
     check_architecture(cfg)
     window = cfg.sliding_window
     if window is not None and window < max_pos:
@@ -39,13 +36,7 @@ def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
             f"attention backends cannot do; pass --max-seq-len {window} or less (up to the "
             "window, full attention is the same)"
         )
-    old = torch.get_default_dtype()
-    if cfg.torch_dtype in ("bfloat16", "float16"):
-        torch.set_default_dtype(getattr(torch, cfg.torch_dtype))
-    try:
-        return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
-    finally:
-        torch.set_default_dtype(old)
+    return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
 
 
 __all__ = ["MODEL_REGISTRY", "ModelConfig", "check_architecture", "create_model"]
