@@ -69,7 +69,7 @@ def test_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest) -> N
     cpu = _greedy(LLM(path, device="cpu", dtype="float32"), prompts)
     llm = LLM(path, device="cuda", dtype="float32", attn="torch", cuda_graph_max_bs=0)
     assert _greedy(llm, prompts) == cpu
-    ref = load_hf_model(path.replace("_fused", ""))
+    ref = load_hf_model(request.getfixturevalue(fixture.replace("_fused", "")))
     with torch.no_grad():
         want = ref(torch.tensor([prompts[0]])).logits[0]
     err = (llm.prefill_logits(prompts[0]).cpu() - want).abs().max().item()

@@ -7,6 +7,7 @@ sliding-window start-up error, and the offline benchmark on a MoE config with du
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,6 +86,7 @@ def test_kernels_in_triton_interpreter(qwen3_moe_dir: str, hf_model) -> None:
     """Runs the kernels in triton's interpreter (TRITON_INTERPRET=1 must be set before
     minisgl imports, so in a child process): against the torch path, then inside the tiny
     model, whose greedy tokens and prefill logits must match transformers."""
+    assert importlib.util.find_spec("triton"), "triton is a dev dependency: pip install -e '.[dev]'"
     ids = PROMPTS[1]
     code = f"""
 import json, torch

@@ -43,10 +43,14 @@ class Experts(nn.Module):
         return t.narrow(dim, self.tp.rank * self.local, self.local)
 
     def load_gate_up(
-        self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None = None, expert: int = -1
+        self,
+        param: torch.Tensor,
+        loaded: torch.Tensor,
+        shard: int | None = None,
+        expert: int | None = None,
     ) -> None:
         # fused [E, 2I, H] (gate, then up) or expert `expert`'s gate (shard 0) / up (1) [I, H]
-        dst = param.data if shard is None else param.data[expert]
+        dst = param.data if expert is None else param.data[expert]
         parts = loaded.chunk(2, dim=-2) if shard is None else [loaded]
         for s, part in zip([0, 1] if shard is None else [shard], parts):
             default_loader(dst.narrow(-2, s * self.local, self.local), self._mine(part, -2))
