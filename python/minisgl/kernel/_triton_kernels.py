@@ -188,6 +188,7 @@ def moe_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_om,
     A_DIV: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):  # fmt: skip
     # out[pair, :N] = a[pair // A_DIV] @ w[expert]^T for one BLOCK_M tile of sorted pairs.
     # SILU_MUL: w holds gate rows [0, N) and up rows [N, 2N); silu(gate) * up is stored.
@@ -213,9 +214,11 @@ def moe_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kmask = ks < K - k0
-        x = tl.load(a_ptr, mask=valid[:, None] & kmask[None, :], other=0.0)
-        wmask = kmask[:, None] & (cols[None, :] < N)
+        if EVEN_K:  # no mask along K, the contiguous dimension: 16-byte vector loads
+            xmask, wmask = valid[:, None], cols[None, :] < N
+        else:
+            xmask, wmask = valid[:, None] & (ks[None, :] < K - k0), (ks[:, None] < K - k0) & (cols[None, :] < N)  # fmt: skip
+        x = tl.load(a_ptr, mask=xmask, other=0.0)
         wt = tl.load(w_ptr, mask=wmask, other=0.0)
         acc = _mma(x, wt, acc, F32)
         if SILU_MUL:

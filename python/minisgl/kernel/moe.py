@@ -66,9 +66,10 @@ def fused_moe_torch(
 
 
 def _config(pairs: int, num_experts: int) -> dict[str, int]:
-    # row tiles of 16 (tl.dot's minimum) to 64 rows, about what one expert gets; the same K
+    # row tiles of 16 (tl.dot's minimum) to 64 rows, about twice what one expert gets: at
+    # decode most experts then take one tile, so their weights are read once; the same K
     # step for every tile size, so a row's sums do not change with the batch's size
-    m = min(64, max(16, 1 << (max(1, pairs // num_experts) - 1).bit_length()))
+    m = min(64, max(16, 1 << (max(1, 2 * pairs // num_experts) - 1).bit_length()))
     return dict(BLOCK_M=m, BLOCK_N=64, BLOCK_K=64, GROUP_M=m // 8, num_warps=4)
 
 
@@ -122,6 +123,7 @@ def fused_moe_triton(
         kern[grid](
             a, w, out, topk_weights, sorted_ids, expert_ids, padded_len, pairs, n, kdim,
             a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-            A_DIV=top_k if first else 1, SILU_MUL=first, WEIGHTED=not first, F32=f32, **cfg,
+            A_DIV=top_k if first else 1, SILU_MUL=first, WEIGHTED=not first, F32=f32,
+            EVEN_K=kdim % cfg["BLOCK_K"] == 0, **cfg,
         )  # fmt: skip
     return y.view(t, top_k, hidden).sum(dim=1)
