@@ -1,5 +1,5 @@
 """Qwen3-MoE and Mistral beyond tests/test_models.py (which checks them against transformers
-at tp=1): greedy tokens at tp=2 on CPU/gloo, the MoE Triton kernels run in triton's
+at tp=1): greedy tokens at tp=2 on CPU/gloo (against transformers), the MoE Triton kernels run in triton's
 interpreter (against the torch path, and inside the tiny model against transformers), the
 sliding-window start-up error, and the offline benchmark on a MoE config with dummy weights.
 
@@ -115,19 +115,22 @@ llm.shutdown()
     assert err <= 1e-4 * max(1.0, expected.abs().max().item()), err
 
 
+TP2 = ["qwen3_moe_dir", "qwen3_moe_fused_dir", "mistral_dir"]
+
+
 @pytest.fixture(scope="module")
-def tp2_llms(qwen3_moe_dir: str, qwen3_moe_fused_dir: str):
+def tp2_llms(request: pytest.FixtureRequest):
     from minisgl import LLM
 
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers' environment is fixed at spawn
-    llms = []
+    llms = {}
     try:
-        for d in (qwen3_moe_dir, qwen3_moe_fused_dir):
-            llms.append(LLM(d, device="cpu", dtype="float32", tp=2))
+        for name in TP2:
+            llms[name] = LLM(request.getfixturevalue(name), device="cpu", dtype="float32", tp=2)
         yield llms
     finally:
-        for llm in llms:
+        for llm in llms.values():
             llm.shutdown()
         if old is None:
             os.environ.pop("OMP_NUM_THREADS")
@@ -135,17 +138,18 @@ def tp2_llms(qwen3_moe_dir: str, qwen3_moe_fused_dir: str):
             os.environ["OMP_NUM_THREADS"] = old
 
 
-def test_tp2_greedy_matches_hf(qwen3_moe_dir: str, tp2_llms, hf_model) -> None:
-    """Experts' intermediate dimension split over two gloo ranks, from both checkpoint
-    layouts: 32 greedy tokens equal transformers'."""
+@pytest.mark.parametrize("fixture", TP2)
+def test_tp2_greedy_matches_hf(
+    fixture: str, request: pytest.FixtureRequest, tp2_llms, hf_model
+) -> None:
+    """Two gloo ranks (the experts' intermediate dimension split, from both checkpoint
+    layouts; Mistral's heads): 32 greedy tokens equal transformers'."""
     from minisgl import SamplingParams
 
-    ref = hf_model(qwen3_moe_dir)
-    expected = [hf_greedy(ref, ids) for ids in PROMPTS]
+    ref = hf_model(request.getfixturevalue(fixture.replace("_fused", "")))
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    for llm in tp2_llms:
-        got = [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
-        assert got == expected
+    got = [o["token_ids"] for o in tp2_llms[fixture].generate(PROMPTS, params, use_tqdm=False)]
+    assert got == [hf_greedy(ref, ids) for ids in PROMPTS]
 
 
 def _config_dir(tmp_path: Path, **cfg: object) -> str:
