@@ -134,6 +134,7 @@ def decode_prologue_kernel(
 @triton.jit
 def moe_count_kernel(topk_ids, counts, n, E: tl.constexpr, EP: tl.constexpr, BLOCK: tl.constexpr):
     # pairs per expert: one compare matrix per block of pairs, one vector atomic per program
+    # (BLOCK x EP values: kept small enough for registers)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(topk_ids + i, mask=i < n, other=-1)
     e = tl.arange(0, EP)

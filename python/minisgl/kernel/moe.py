@@ -88,9 +88,12 @@ def moe_align(
     padded_len = torch.empty(1, dtype=torch.int32, device=dev)
     k, ep, block = triton_ops._kernels(), 1 << (num_experts - 1).bit_length(), 256
     grid = (-(-pairs // block),)
-    k.moe_count_kernel[grid](topk_ids, slots, pairs, E=num_experts, EP=ep, BLOCK=block)
+    # counting: 128 pairs x EP experts compared per program (64 values a thread at 8 warps)
+    k.moe_count_kernel[(-(-pairs // 128),)](
+        topk_ids, slots, pairs, E=num_experts, EP=ep, BLOCK=128, num_warps=8
+    )
     k.moe_offsets_kernel[(1,)](
-        slots, expert_ids, padded_len, tiles, E=num_experts, EP=ep, BLOCK_M=block_m, CHUNK=256
+        slots, expert_ids, padded_len, tiles, E=num_experts, EP=ep, BLOCK_M=block_m, CHUNK=64
     )
     k.moe_scatter_kernel[grid](topk_ids, slots, sorted_ids, pairs, BLOCK=block)
     return sorted_ids, expert_ids, padded_len
