@@ -12,6 +12,10 @@ Fixtures (all session-scoped, each a directory path as `str`):
 - `qwen3_tied_dir`       Qwen3ForCausalLM, tie_word_embeddings=True (has a chat template)
 - `qwen3_untied_dir`     Qwen3ForCausalLM, tie_word_embeddings=False
 - `qwen2_bias_dir`       Qwen2ForCausalLM with non-zero q/k/v biases
+- `qwen3_moe_dir`        Qwen3MoeForCausalLM, 8 experts, top-2, layer 1 dense (mlp_only_layers)
+- `qwen3_moe_fused_dir`  the same weights, experts stored fused as 3-D tensors (transformers 5.x)
+- `mistral_dir`          MistralForCausalLM, sliding_window null
+- `mistral3_dir`         Mistral3ForConditionalGeneration (a tiny Pixtral vision tower, unused)
 - `stories_dir`          <repo>/../shared/models/stories260K (skipped when absent)
 - `qwen3_06b_config_dir` a directory holding only the Qwen3-0.6B config.json (skipped when absent)
 - `unsupported_arch_dir` a config-only directory whose architecture is "FooForCausalLM"
@@ -338,6 +342,82 @@ def qwen2_bias_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
 
 
+MOE_CONFIG = dict(
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    mlp_only_layers=[1],
+    num_hidden_layers=3,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # save_pretrained writes the hub's per-expert tensors (experts.{e}.gate_proj.weight ...)
+    return _build(
+        tmp_path_factory, "qwen3_moe", "Qwen3MoeConfig", "Qwen3MoeForCausalLM", seed=5, **MOE_CONFIG
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_fused_dir(qwen3_moe_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """`qwen3_moe_dir` with each layer's experts as `mlp.experts.gate_up_proj` [E, 2I, H] and
+    `mlp.experts.down_proj` [E, H, I], the layout of transformers 5.x's modules."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("qwen3_moe_fused")
+    for f in Path(qwen3_moe_dir).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, d / f.name)
+    per_expert = load_file(str(Path(qwen3_moe_dir) / "model.safetensors"))
+    out, experts = {}, {}
+    for name, t in per_expert.items():
+        m = re.match(r"(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
+        else:
+            out[name] = t
+    for prefix, parts in experts.items():
+        n = len(parts["down_proj"])
+        gate_up = [torch.cat([parts["gate_proj"][e], parts["up_proj"][e]]) for e in range(n)]
+        out[prefix + ".gate_up_proj"] = torch.stack(gate_up).contiguous()
+        out[prefix + ".down_proj"] = torch.stack([parts["down_proj"][e] for e in range(n)])
+    save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _build(
+        tmp_path_factory, "mistral", "MistralConfig", "MistralForCausalLM", seed=6,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def mistral3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import transformers
+
+    d = tmp_path_factory.mktemp("mistral3")
+    text = dict(_common_config(rope_theta=1000000.0, sliding_window=None), model_type="mistral")
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, head_dim=16, image_size=56, patch_size=14)  # fmt: skip
+    config = transformers.Mistral3Config(
+        text_config=text, vision_config=vision, tie_word_embeddings=False
+    )
+    torch.manual_seed(8)
+    model = transformers.Mistral3ForConditionalGeneration(config).to(torch.float32).eval()
+    _randomize_(model, 8)
+    model.save_pretrained(str(d), safe_serialization=True)
+    _train_tokenizer(d)
+    return str(d)
+
+
 # --------------------------------------------------------------------------- shared models
 
 
@@ -374,11 +454,15 @@ _HF_CACHE: dict[str, torch.nn.Module] = {}
 def load_hf_model(path: str) -> torch.nn.Module:
     """The float32, eager-attention transformers model of `path`, cached for the session."""
     if path not in _HF_CACHE:
-        from transformers import AutoModelForCausalLM
+        import transformers
 
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
+        arch = json.loads((Path(path) / "config.json").read_text())["architectures"][0]
+        cls = (
+            getattr(transformers, arch)
+            if "Conditional" in arch
+            else transformers.AutoModelForCausalLM
         )
+        model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
         _HF_CACHE[path] = model.eval()
     return _HF_CACHE[path]
 

@@ -15,9 +15,11 @@ PROMPTS = [
     [1] + [(7 * i + 11) % 380 + 3 for i in range(45)],
 ]
 
-TINY = ["llama_gqa_dir", "llama_gqa_v4_dir", "qwen3_tied_dir", "qwen3_untied_dir", "qwen2_bias_dir"]
-# the HF reference checkpoint of each fixture (the v4-dialect copy is checked against the original)
-REFERENCE = {"llama_gqa_v4_dir": "llama_gqa_dir"}
+TINY = ["llama_gqa_dir", "llama_gqa_v4_dir", "qwen3_tied_dir", "qwen3_untied_dir", "qwen2_bias_dir",
+        "qwen3_moe_dir", "qwen3_moe_fused_dir", "mistral_dir", "mistral3_dir"]  # fmt: skip
+# the HF reference checkpoint of each fixture (a copy in another layout is checked against the
+# original)
+REFERENCE = {"llama_gqa_v4_dir": "llama_gqa_dir", "qwen3_moe_fused_dir": "qwen3_moe_dir"}
 
 
 # --------------------------------------------------------------------------- helpers

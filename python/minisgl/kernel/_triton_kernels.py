@@ -126,3 +126,109 @@ def decode_prologue_kernel(
     tl.store(out_loc + i, o.to(tl.int64), mask=mask)
     tl.store(input_ids + i, tl.load(next_tokens + r, mask=mask, other=0), mask=mask)
     tl.store(slot_table + r * st_stride + p, o.to(slot_table.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------ MoE (see kernel/moe.py)
+
+
+@triton.jit
+def moe_count_kernel(topk_ids, counts, n, E: tl.constexpr, EP: tl.constexpr, BLOCK: tl.constexpr):
+    # pairs per expert: one compare matrix per block of pairs, one vector atomic per program
+    # (BLOCK x EP values: kept small enough for registers)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(topk_ids + i, mask=i < n, other=-1)
+    e = tl.arange(0, EP)
+    c = tl.sum((ids[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(counts + e, c, mask=e < E)
+
+
+@triton.jit
+def moe_offsets_kernel(
+    slots, expert_ids, padded_len, tiles,
+    E: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    # one program: each expert's run padded to BLOCK_M, its start (the scatter's first slot)
+    # and the owner of every tile
+    e = tl.arange(0, EP)
+    counts = tl.load(slots + e, mask=e < E, other=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(slots + e, ends - padded, mask=e < E)
+    tl.store(padded_len, tl.sum(padded, axis=0))
+    for start in range(0, tiles, CHUNK):
+        b = start + tl.arange(0, CHUNK)
+        owner = tl.sum((ends[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(expert_ids + b, tl.minimum(owner, E - 1), mask=b < tiles)
+
+
+@triton.jit
+def moe_scatter_kernel(topk_ids, slots, sorted_ids, n, BLOCK: tl.constexpr):
+    # each pair takes the next free slot of its expert; the order within an expert varies
+    # between runs, but every row is computed and written on its own
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < n
+    e = tl.load(topk_ids + i, mask=mask, other=0)
+    pos = tl.atomic_add(slots + e, 1, mask=mask)
+    tl.store(sorted_ids + pos, i, mask=mask)
+
+
+@triton.jit
+def _mma(x, w, acc, F32: tl.constexpr):
+    # F32: float32 products (no TF32), for float32 models and for the interpreter, whose
+    # 16-bit tl.dot is wrong; 16-bit products are exact in float32, so the sums agree
+    if F32:
+        acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(x, w, acc)
+    return acc
+
+
+@triton.jit
+def moe_gemm_kernel(
+    a, w, out, topk_w, sorted_ids, expert_ids, padded_len, n_pairs, N, K,
+    stride_am, stride_we, stride_wn, stride_om,
+    A_DIV: tl.constexpr, SILU_MUL: tl.constexpr, WEIGHTED: tl.constexpr, F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):  # fmt: skip
+    # out[pair, :N] = a[pair // A_DIV] @ w[expert]^T for one BLOCK_M tile of sorted pairs.
+    # SILU_MUL: w holds gate rows [0, N) and up rows [N, 2N); silu(gate) * up is stored.
+    # WEIGHTED: rows scaled by the pair's router weight. Tiles are grouped GROUP_M at a time
+    # along M so neighbouring programs share weight tiles in L2
+    pid = tl.program_id(0)
+    tiles_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % size_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // size_m
+    if pid_m * BLOCK_M >= tl.load(padded_len):
+        return
+    rows = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    valid = rows < n_pairs
+    expert = tl.load(expert_ids + pid_m).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptr = a + (rows // A_DIV).to(tl.int64)[:, None] * stride_am + ks[None, :]
+    w_ptr = w + expert * stride_we + cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:  # no mask along K, the contiguous dimension: 16-byte vector loads
+            xmask, wmask = valid[:, None], cols[None, :] < N
+        else:
+            xmask, wmask = valid[:, None] & (ks[None, :] < K - k0), (ks[:, None] < K - k0) & (cols[None, :] < N)  # fmt: skip
+        x = tl.load(a_ptr, mask=xmask, other=0.0)
+        wt = tl.load(w_ptr, mask=wmask, other=0.0)
+        acc = _mma(x, wt, acc, F32)
+        if SILU_MUL:
+            acc_up = _mma(x, tl.load(w_ptr + N * stride_wn, mask=wmask, other=0.0), acc_up, F32)
+        a_ptr += BLOCK_K
+        w_ptr += BLOCK_K
+    if SILU_MUL:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if WEIGHTED:
+        acc = acc * tl.load(topk_w + rows, mask=valid, other=0.0).to(tl.float32)[:, None]
+    dst = out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(dst, acc.to(out.dtype.element_ty), mask=valid[:, None] & (cols[None, :] < N))

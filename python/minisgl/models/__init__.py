@@ -7,11 +7,15 @@ from torch import nn
 from .config import ModelConfig
 from .llama import LlamaForCausalLM
 
-# Qwen2 and Qwen3 are the Llama decoder with q/k/v bias or per-head q/k norm (see ModelConfig)
+# all are the Llama decoder with q/k/v bias, per-head q/k norm or expert MLPs (see ModelConfig);
+# Mistral3ForConditionalGeneration loads its language model only
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Mistral3ForConditionalGeneration": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
 }
 
 
@@ -23,7 +27,15 @@ def check_architecture(cfg: ModelConfig) -> None:
 
 
 def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
+    """The model for sequences of up to `max_pos` tokens (its parameters uninitialised)."""
     check_architecture(cfg)
+    window = cfg.sliding_window
+    if window is not None and window < max_pos:
+        raise ValueError(
+            f"{cfg.architecture} attends over a sliding window of {window} tokens, which the "
+            f"attention backends cannot do; pass --max-seq-len {window} or less (up to the "
+            "window, full attention is the same)"
+        )
     return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
 
 

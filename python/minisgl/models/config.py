@@ -1,10 +1,11 @@
-"""Model hyper-parameters read straight from a HF `config.json` (both config dialects)."""
+"""Model hyper-parameters read straight from a HF `config.json` (both config dialects; for
+Mistral3ForConditionalGeneration, its language model's `text_config`)."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -28,6 +29,21 @@ class ModelConfig:
     qk_norm: bool
     torch_dtype: str
     eos_token_ids: list[int]
+    # Qwen3-MoE: sparse layers are every `decoder_sparse_step`-th one outside mlp_only_layers
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    sliding_window: int | None = None  # attention window (Mistral), None = full attention
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.num_experts > 0
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     @classmethod
     def from_dir(cls, path: str) -> ModelConfig:
@@ -44,6 +60,14 @@ class ModelConfig:
     def from_dict(cls, cfg: dict[str, Any], eos_token_ids: list[int] | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or ["<missing>"]
         arch = archs[0]
+        if "text_config" in cfg:  # a vision-language checkpoint: its language model alone
+            text = cfg["text_config"]
+            if text.get("model_type", "mistral") != "mistral":
+                raise ValueError(
+                    f"unsupported {arch} language model type {text['model_type']!r} (supported: mistral)"
+                )
+            keep = ("eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
+            cfg = {**text, **{k: cfg[k] for k in keep if k in cfg}}
         heads = cfg["num_attention_heads"]
         hidden = cfg["hidden_size"]
         # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
@@ -59,6 +83,7 @@ class ModelConfig:
                 scaling = None
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         is_qwen2 = arch == "Qwen2ForCausalLM"
+        mistral = arch.startswith("Mistral")
         bias = bool(cfg.get("attention_bias", False))
         return cls(
             architecture=arch,
@@ -76,11 +101,22 @@ class ModelConfig:
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=is_qwen2 or bias,
             o_bias=bias and not is_qwen2,
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             torch_dtype=str(dtype).replace("torch.", ""),
             eos_token_ids=list(
                 eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))
             ),
+            # transformers 5.x writes `num_local_experts`, the hub checkpoints `num_experts`
+            num_experts=cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
+            num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
+            moe_intermediate_size=cfg.get("moe_intermediate_size") or 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+            decoder_sparse_step=cfg.get("decoder_sparse_step") or 1,
+            mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
+            # Mistral uses its window whenever one is set; Qwen2/3 only with use_sliding_window
+            sliding_window=cfg.get("sliding_window")
+            if mistral or cfg.get("use_sliding_window")
+            else None,
         )
 
 

@@ -1,4 +1,5 @@
-"""One decoder covering Llama, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm).
+"""One decoder covering Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and
+Qwen3-MoE (Qwen3 with sparse expert MLPs in the layers `ModelConfig.is_moe_layer` names).
 Module names follow the HF checkpoints so weights load by name."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ..kernel import triton_ops
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from ..layers.fused import fused_ops
 from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from ..layers.moe import SparseMoeBlock
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 from .config import ModelConfig
@@ -69,10 +71,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = ColumnParallelLinear(hidden, [intermediate] * 2)
+        self.down_proj = RowParallelLinear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
@@ -87,7 +89,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, layer, rope)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer):
+            self.mlp: nn.Module = SparseMoeBlock(
+                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
+                cfg.num_experts_per_tok, cfg.norm_topk_prob,
+            )  # fmt: skip
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,32 @@ _FUSED = {
     ".gate_proj.": (".gate_up_proj.", 0),
     ".up_proj.": (".gate_up_proj.", 1),
 }
+# the hub's per-expert tensors -> our 3-D expert tensor, the expert index as a loader argument
+_EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_up_proj|down_proj)\.weight$")
+# Mistral3ForConditionalGeneration: the language model's tensors under two prefixes
+# (transformers 4.x and hub checkpoints, then 5.x); the vision tower is not loaded
+_RENAME = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+           ("model.language_model.", "model."))  # fmt: skip
+_SKIP = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")  # fmt: skip
+
+
+def checkpoint_target(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """Our parameter for the checkpoint tensor `name` and the extra weight_loader arguments
+    (shard of a fused projection, expert index); None for tensors that are not loaded."""
+    if "rotary_emb" in name or name.startswith(_SKIP):
+        return None
+    for old, new in _RENAME:
+        if name.startswith(old):
+            name = new + name[len(old) :]
+    args: tuple[int, ...] = ()
+    for frag, (fused, idx) in _FUSED.items():
+        if frag in name:
+            name, args = name.replace(frag, fused), (idx,)
+            break
+    m = _EXPERT.search(name)
+    if m:
+        name, args = f"{name[: m.start()]}.experts.{m.group(2)}", (*args, int(m.group(1)))
+    return name, args
 
 
 def resolve_model_path(model: str) -> str:
@@ -61,13 +88,10 @@ def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> Non
     for file in tqdm(files, desc="Loading weights", disable=not show_progress or len(files) < 2):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if "rotary_emb" in name:
+                mapped = checkpoint_target(name)
+                if mapped is None:
                     continue
-                target, shard = name, None
-                for frag, (fused, idx) in _FUSED.items():
-                    if frag in name:
-                        target, shard = name.replace(frag, fused), idx
-                        break
+                target, args = mapped
                 if target not in params:
                     if target == "lm_head.weight" and model.cfg.tie_word_embeddings:
                         continue  # a tied checkpoint may still ship its own copy
@@ -75,10 +99,7 @@ def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> Non
                 param = params[target]
                 tensor = f.get_tensor(name)
                 with torch.no_grad():
-                    if shard is None:
-                        param.weight_loader(param, tensor.to(param.dtype))
-                    else:
-                        param.weight_loader(param, tensor.to(param.dtype), shard)
+                    param.weight_loader(param, tensor.to(param.dtype), *args)
                 seen.add(target)
     missing = [
         n
