@@ -13,8 +13,20 @@ import zmq
 
 from ..args import ServerArgs
 from ..core import SamplingParams
+from ..distributed import init_distributed
 from ..engine.engine import Engine
-from ..messages import AbortReq, ErrorOut, Message, Ready, Shutdown, Stats, UserReq, decode, encode
+from ..messages import (
+    AbortReq,
+    ErrorOut,
+    FlushCache,
+    Message,
+    Ready,
+    Shutdown,
+    Stats,
+    UserReq,
+    decode,
+    encode,
+)
 from ..utils import die_with_parent, exit_on_sigterm, setup_logging
 from .scheduler import Scheduler
 
@@ -58,7 +70,14 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     die_with_parent()
     exit_on_sigterm()
     setup_logging(args.log_level, f"scheduler{rank}")
-    engine = Engine(args, rank)
+    local_rank = rank - args.local_ranks.start
+    if args.nnodes > 1:  # join with the global rank; the engine's GPU is the local rank
+        if args.resolved_device == "cuda":
+            torch.cuda.set_device(local_rank)
+        host, _, port = args.dist_init_addr.rpartition(":")
+        log.info("rank %d: joining the TP group of %d at %s:%s", rank, args.tp, host, port)
+        init_distributed(rank, args.tp, args.resolved_device, int(port), host)
+    engine = Engine(args, local_rank)
     ctx = zmq.Context()
     primary = rank == 0
     if primary:
@@ -77,10 +96,11 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
         log.info("warm-up done in %.1f s", sched.warmup())
     bcast = _Broadcaster() if args.tp > 1 else None
     launcher = ctx.socket(zmq.PUSH)
+    launcher.setsockopt(zmq.LINGER, 0)  # nobody reads it on nodes other than 0: exit anyway
     launcher.connect(f"ipc://{args.zmq_dir}/launcher")
     info = dict(
         max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size, eos_token_ids=engine.cfg.eos_token_ids,
-        kv_tokens=engine.max_tokens_in_pool,
+        kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size, model_path=engine.model_path,
     )  # fmt: skip
     launcher.send(encode(Ready(f"scheduler{rank}", info)))
     log.info("scheduler rank %d ready", rank)
@@ -97,13 +117,20 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                     except zmq.Again:
                         break
         if bcast is not None:
-            raw = bcast(raw)
+            try:
+                raw = bcast(raw)
+            except RuntimeError as e:  # gloo: a peer's connection closed
+                log.error("rank %d lost the TP group (a rank stopped or died): %s", rank, e)
+                raise SystemExit(1) from None
         for data in raw:
             msg = decode(data)
             if isinstance(msg, Shutdown):
                 log.info("scheduler rank %d shutting down", rank)
                 return
-            if isinstance(msg, AbortReq):
+            if isinstance(msg, FlushCache):  # every rank decides alike: same requests
+                ok = not sched.reqs
+                emit(FlushCache(ok, sched.mem.flush_cache() if ok else 0))
+            elif isinstance(msg, AbortReq):
                 if not sched.abort(msg.uid):
                     early_aborts[msg.uid] = time.monotonic()
             elif isinstance(msg, UserReq):
