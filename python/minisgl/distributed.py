@@ -31,9 +31,8 @@ def get_tp_info() -> TPInfo:
 
 
 def init_distributed(rank: int, size: int, device: str, port: int, host: str = "127.0.0.1") -> None:
-    """Join the TP group once per process. On several nodes the scheduler joins first, with its
-    global rank and node 0's address; the engine's later call (with the local rank, which picks
-    the GPU) then keeps that membership."""
+    """Join the TP group once per process: on several nodes the scheduler joins first (global
+    rank, node 0's address) and the engine's call, with the local rank for the GPU, is a no-op."""
     if dist.is_initialized():
         return
     set_tp_info(rank, size)

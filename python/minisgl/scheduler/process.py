@@ -11,22 +11,12 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from .. import messages
 from ..args import ServerArgs
 from ..core import SamplingParams
 from ..distributed import init_distributed
 from ..engine.engine import Engine
-from ..messages import (
-    AbortReq,
-    ErrorOut,
-    FlushCache,
-    Message,
-    Ready,
-    Shutdown,
-    Stats,
-    UserReq,
-    decode,
-    encode,
-)
+from ..messages import AbortReq, ErrorOut, Message, Ready, Shutdown, Stats, UserReq, decode, encode
 from ..utils import die_with_parent, exit_on_sigterm, setup_logging
 from .scheduler import Scheduler
 
@@ -127,9 +117,9 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
             if isinstance(msg, Shutdown):
                 log.info("scheduler rank %d shutting down", rank)
                 return
-            if isinstance(msg, FlushCache):  # every rank decides alike: same requests
+            if isinstance(msg, messages.FlushCache):  # every rank decides alike: same requests
                 ok = not sched.reqs
-                emit(FlushCache(ok, sched.mem.flush_cache() if ok else 0))
+                emit(messages.FlushCache(ok, sched.mem.flush_cache() if ok else 0))
             elif isinstance(msg, AbortReq):
                 if not sched.abort(msg.uid):
                     early_aborts[msg.uid] = time.monotonic()

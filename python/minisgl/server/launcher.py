@@ -149,8 +149,7 @@ class Workers:
             logger.info("started %s (pid %d)", name, p.pid)
 
     def _shutdown_group(self) -> None:
-        """Shutdown to scheduler0, which broadcasts it: the other nodes' ranks leave their loop
-        and exit 0 instead of failing on a closed connection."""
+        """Shutdown to scheduler0, broadcast to every rank: the other nodes exit 0, not 1."""
         import zmq
 
         ctx = zmq.Context()

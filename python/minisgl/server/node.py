@@ -1,14 +1,9 @@
-"""The launcher of a node other than 0 in a multi-node TP group: its scheduler ranks, nothing else.
+"""Launcher of a node other than 0 in a multi-node TP group: its scheduler ranks, nothing else.
 
-Node 0 runs the API server, tokenizers, detokenizer and ranks 0..L-1 (L = tp / nnodes); node R
-runs `python -m minisgl ... --node-rank R`, which starts ranks R*L..R*L+L-1 only. The ranks meet
-at --dist-init-addr (torch.distributed's store on rank 0), and rank 0 broadcasts every scheduler
-message to them, so node R needs no other connection to node 0.
-
-A rank that dies, or loses the group because a rank elsewhere died (gloo sees the closed
-connection), exits non-zero: this launcher stops its other ranks and exits 1. When node 0 shuts
-down cleanly it broadcasts Shutdown: every rank exits 0 and so does this launcher. SIGINT or
-SIGTERM stops the local ranks (node 0 then loses the group) and exits 0.
+Node R starts ranks R*L..R*L+L-1 (L = tp / nnodes); they meet node 0's at --dist-init-addr and
+get every scheduler message from rank 0's broadcast. A rank that dies or loses the group (a rank
+elsewhere died: gloo sees the closed connection) exits non-zero: the node stops and exits 1.
+Node 0's clean stop broadcasts Shutdown: every rank, and this launcher, exit 0.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -95,23 +95,7 @@ def _top_logprobs(cls: Any, v: int | None) -> int | None:
     return v
 
 
-class _Fixed(_Strict):
-    """Accepts the SGLang fields named in `_fixed` only at their declared default, which is
-    how minisgl always behaves: sglang-router writes them, at those values, into every request
-    it forwards. Any other value asks for what minisgl does not do: 400."""
-
-    _fixed: ClassVar[tuple[str, ...]] = ()
-
-    @model_validator(mode="after")
-    def _check_fixed(self) -> Any:
-        for name in self._fixed:
-            want, got = type(self).model_fields[name].default, getattr(self, name)
-            if got != want:
-                raise ValueError(f"{name}={got!r} is not supported (only {want!r})")
-        return self
-
-
-class _SamplingChecks(_Fixed):
+class _SamplingChecks(_Strict):
     """Validators of the sampling fields every request schema has (the fields and their
     defaults are declared by each schema)."""
 
@@ -142,10 +126,10 @@ class _Sampling(_SamplingChecks):
     user: SStr | None = None
     frequency_penalty: SFloat | None = None
     presence_penalty: SFloat | None = None
-    no_stop_trim: SBool = False  # SGLang's: stop strings are always cut from the text
-    skip_special_tokens: SBool = True
-    return_hidden_states: SBool = False
-    _fixed = ("no_stop_trim", "skip_special_tokens", "return_hidden_states")
+    # SGLang's fields that sglang-router writes into every request, at how minisgl behaves
+    no_stop_trim: Literal[False] = False
+    skip_special_tokens: Literal[True] = True
+    return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
     _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
@@ -220,11 +204,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: SInt | None = None
     add_generation_prompt: SBool = True
     response_format: dict[str, Any] | None = None
-    continue_final_message: SBool = False
+    continue_final_message: Literal[False] = False
     # SGLang's: they act only with a reasoning parser, and minisgl has none (nothing to split)
     separate_reasoning: SBool = True
     stream_reasoning: SBool = True
-    _fixed = (*_Sampling._fixed, "continue_final_message")
 
     _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
     _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
@@ -253,7 +236,7 @@ class NativeSamplingParams(_SamplingChecks):
     _v_sampling_seed = field_validator("sampling_seed")(_seed)
 
 
-class GenerateRequest(_Fixed):
+class GenerateRequest(_Strict):
     text: SStr | None = None
     input_ids: list[SInt] | None = None
     model: SStr | None = None
@@ -262,20 +245,12 @@ class GenerateRequest(_Fixed):
     return_logprob: SBool = False
     top_logprobs_num: SInt = 0
     return_text_in_logprobs: SBool = True  # SGLang's default is False: text, or None, per entry
-    log_metrics: SBool = True
-    return_hidden_states: SBool = False
-    return_entropy: SBool = False
-    return_bytes: SBool = False
-    background: SBool = False
-    no_logs: SBool = False
-    _fixed = (
-        "log_metrics",
-        "return_hidden_states",
-        "return_entropy",
-        "return_bytes",
-        "background",
-        "no_logs",
-    )
+    log_metrics: Literal[True] = True  # and the other SGLang fields sglang-router writes
+    return_hidden_states: Literal[False] = False
+    return_entropy: Literal[False] = False
+    return_bytes: Literal[False] = False
+    background: Literal[False] = False
+    no_logs: Literal[False] = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:

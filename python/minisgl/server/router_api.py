@@ -1,16 +1,12 @@
-"""What sglang-router asks of a worker besides generation, with SGLang's routes and JSON shapes.
-
-Read from sglang-router 0.3.2 (its Rust source, and its calls logged against a stub worker):
-  GET  /health        at registration and every --health-check-interval-secs (api_server.py)
+"""What sglang-router asks of a worker besides generation and /health, with SGLang's routes and
+JSON shapes (read from sglang-router 0.3.2's source and its calls logged against a stub worker):
   GET  /server_info   at registration: `served_model_name` (else `model_path`) becomes the
                       worker's model id; `dp_size` under --dp-aware (old name /get_server_info)
-  GET  /model_info    at registration: `model_type`, `architectures`; the router's own
-                      /get_model_info is proxied to a worker's /get_model_info
+  GET  /model_info    at registration: `model_type`, `architectures` (also /get_model_info,
+                      which the router's own /get_model_info proxies)
   GET  /get_load      power_of_two's load monitor and the router's /get_loads: one entry per
-                      DP rank, whose `num_tokens` sum is the worker's load
+                      DP rank; the sum of `num_tokens` is the worker's load
   POST /flush_cache   fanned out to every worker by the router's POST /flush_cache
-  GET  /health_generate  SGLang's deep check, one generated token (the router uses it with
-                      --health-check-endpoint /health_generate)
 """
 
 from __future__ import annotations
@@ -25,14 +21,12 @@ from fastapi import FastAPI
 
 from minisgl import __version__
 from minisgl.args import ServerArgs
-from minisgl.core import SamplingParams
 
 from .bridge import Bridge
-from .generation import ApiError, Generation
+from .generation import ApiError
 
 ROUTES = ("/server_info", "/get_server_info", "/model_info", "/get_model_info", "/get_load")
-ROUTES += ("/flush_cache", "/health_generate")
-HEALTH_GENERATE_TIMEOUT_S = 20.0  # SGLang's
+ROUTES += ("/flush_cache",)
 
 
 def add_router_routes(
@@ -87,24 +81,3 @@ def add_router_routes(
         if not out.ok:
             raise busy
         return {"message": "Cache flushed.", "freed_tokens": out.freed_tokens}
-
-    @app.get("/health_generate")
-    async def _health_generate() -> dict:
-        """One greedy token through tokenizer, scheduler and detokenizer, within 20 s."""
-        require_ready()
-        gen = Generation(bridge)
-        params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-        gen.add(0, [0], dataclasses.asdict(params), [], chat=False)
-        try:
-            await asyncio.wait_for(_run(gen), HEALTH_GENERATE_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            gen.abort()
-            raise ApiError(503, "unhealthy: no token within 20 s") from None
-        except ApiError as e:
-            raise ApiError(503, f"unhealthy: {e.message}") from None
-        return {"status": "ok"}
-
-
-async def _run(gen: Generation) -> None:
-    await gen.start()
-    await gen.collect()
