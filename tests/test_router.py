@@ -2,7 +2,8 @@
 (`python -m sglang_router.launch_router`, the `sglang-router` dev dependency) on loopback.
 
 - the router registers both workers from /server_info and /model_info, reads their /get_load,
-  fans POST /flush_cache out, and every request it forwards (with the SGLang fields it adds:
+  fans POST /flush_cache out (refused by a worker while a request runs), and every request it
+  forwards (with the SGLang fields it adds:
   no_stop_trim, skip_special_tokens, return_hidden_states, log_metrics, ...) is accepted;
 - 200 greedy requests through a round-robin router, over /v1/completions, /v1/chat/completions
   and /generate, all equal to the same request sent straight to a replica, both replicas used;
@@ -153,11 +154,20 @@ def test_router_registers_workers_from_their_info_routes(cluster):
     info = httpx.get(a + "/get_server_info").json()
     assert info["served_model_name"] == NAME and info["tp_size"] == 1
     assert info["max_total_tokens"] > 0 and info["page_size"] == 1
-    assert httpx.get(a + "/health_generate", timeout=30).json() == {"status": "ok"}
+    # a flush is refused while a request runs, and frees the cached prefixes once idle
+    body = {"model": NAME, "prompt": "x", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", a + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")
+        busy = httpx.post(a + "/flush_cache")
+        assert sum(line.startswith("data: {") for line in lines) > 100  # it ran to the end
+        assert busy.status_code == 400 and "requests are running" in busy.text, busy.text
+    r = httpx.post(a + "/flush_cache")
+    assert r.status_code == 200 and r.json()["freed_tokens"] >= 401, r.text  # <s> x + 400
     # the router's fields at other values ask for what minisgl does not do
     body = {"model": NAME, "prompt": "x", "max_tokens": 2, "no_stop_trim": True}
     r = httpx.post(a + "/v1/completions", json=body)
-    assert r.status_code == 400 and "no_stop_trim=True is not supported" in r.text, r.text
+    assert r.status_code == 400 and "no_stop_trim: Input should be False" in r.text, r.text
     # the only seed the router forwards on /generate is SGLang's sampling_seed
     body = {"text": "x", "sampling_params": {"max_new_tokens": 6, "sampling_seed": 5}}
     outs = {httpx.post(router + "/generate", json=body).json()["text"] for _ in range(3)}

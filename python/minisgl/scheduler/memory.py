@@ -124,12 +124,6 @@ class ReqMemory:
         self.free_rows.append(row)
         req.table_idx, req.cache_handle, req.cache_hit, req.cached_len = -1, None, 0, 0
 
-    def flush_cache(self) -> int:
-        """Evict every unlocked cache entry (POST /flush_cache); return the tokens freed."""
-        freed = self.cache.evict(self.cache.evictable_tokens)
-        self._free_slots(freed)
-        return len(freed)
-
     # -- accounting -------------------------------------------------------------------------
     def owned_pages(self, req: Req) -> int:
         return (

@@ -118,8 +118,10 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                 log.info("scheduler rank %d shutting down", rank)
                 return
             if isinstance(msg, messages.FlushCache):  # every rank decides alike: same requests
-                ok = not sched.reqs
-                emit(messages.FlushCache(ok, sched.mem.flush_cache() if ok else 0))
+                ok, mem, free = not sched.reqs, sched.mem, sched.mem.pages.num_free
+                if ok:
+                    mem.ensure_free(mem.pages.num_pages)  # evicts every unlocked cache entry
+                emit(messages.FlushCache(ok, (mem.pages.num_free - free) * mem.ps))
             elif isinstance(msg, AbortReq):
                 if not sched.abort(msg.uid):
                     early_aborts[msg.uid] = time.monotonic()
