@@ -4,7 +4,7 @@
 rank 0, node 1 runs rank 1 only; they meet over gloo. Two such pairs and a tp=1 server start
 together. Pair A: greedy outputs equal tp=1's, then SIGTERM to node 0 stops both nodes with
 status 0. Pair B: SIGKILL of node 1's launcher (its rank dies with it) brings node 0 down with
-status 1 and a clear log line; neither pair leaves a process behind.
+status 1 and a clear log line; neither pair leaves a process behind. Bad node flags exit 2.
 """
 
 from __future__ import annotations
@@ -131,3 +131,23 @@ def test_a_dead_node_brings_the_other_down(nodes):
     assert "rank 0 lost the TP group" in log and "exited with code 1" in log, log[-3000:]
     time.sleep(0.2)
     assert not n0.left() and not n1.left(), (n0.left(), n1.left())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tp", "2", "--nnodes", "2"], "--nnodes > 1 needs --dist-init-addr HOST:PORT"),
+        (
+            ["--tp", "3", "--nnodes", "2", "--dist-init-addr", "h:1"],
+            "must be a multiple of --nnodes",
+        ),
+        (
+            ["--tp", "2", "--nnodes", "2", "--node-rank", "2"],
+            "--node-rank must be in [0, --nnodes)",
+        ),
+    ],
+)
+def test_bad_node_flags_fail_at_start(flags, message):
+    cmd = [sys.executable, "-m", "minisgl", "--model", "unused", "--device", "cpu", *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
