@@ -31,12 +31,14 @@ def _parse(argv: list[str] | None) -> ServerArgs:
             file=sys.stderr,
         )
         raise SystemExit(2)
-    if args.tp > 1 and args.resolved_device == "cuda":
+    local = len(args.local_ranks)
+    if local > 1 and args.resolved_device == "cuda":
         import torch
 
-        if args.tp > torch.cuda.device_count():
+        if local > torch.cuda.device_count():
             print(
-                f"python -m minisgl: error: --tp {args.tp} needs {args.tp} GPUs, "
+                f"python -m minisgl: error: --tp {args.tp} needs {local} GPUs"
+                f"{' per node' if args.nnodes > 1 else ''}, "
                 f"{torch.cuda.device_count()} visible",
                 file=sys.stderr,
             )
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from minisgl.shell import run_shell
 
         return int(run_shell(args) or 0)
+    if args.node_rank > 0:
+        from minisgl.server.node import run_node
+
+        return run_node(args)
     from minisgl.server.launcher import run_server
 
     return run_server(args)

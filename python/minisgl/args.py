@@ -14,7 +14,10 @@ class ServerArgs:
     model: str = ""
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    tp: int = 1
+    tp: int = 1  # over all nodes
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (nnodes > 1)
     cache: str = "radix"  # radix | naive
     max_prefill_length: int = 16384
     page_size: int = 0  # 0 = default (1 on CPU, 64 on GPU)
@@ -60,6 +63,13 @@ class ServerArgs:
             f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
         )
         need(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
+        need(self.nnodes >= 1, f"--nnodes must be >= 1, got {self.nnodes}")
+        need(0 <= self.node_rank < self.nnodes, "--node-rank must be in [0, --nnodes)")
+        need(self.tp % self.nnodes == 0, f"--tp {self.tp} must be a multiple of --nnodes")
+        if self.nnodes > 1:
+            host, _, port = (self.dist_init_addr or "").rpartition(":")
+            need(bool(host) and port.isdigit(), "--nnodes > 1 needs --dist-init-addr HOST:PORT")
+            need(not self.shell, "--shell runs on one node only")
         need(
             self.cache in ("radix", "naive"), f"--cache must be radix or naive, got {self.cache!r}"
         )
@@ -91,6 +101,12 @@ class ServerArgs:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
+    def local_ranks(self) -> range:
+        """The global TP ranks whose scheduler runs on this node."""
+        n = self.tp // self.nnodes
+        return range(self.node_rank * n, (self.node_rank + 1) * n)
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or self.model
 
@@ -102,7 +118,10 @@ _HELP = {
     "model": "HF model id or local directory",
     "device": "auto (cuda when a GPU is visible), cuda or cpu",
     "dtype": "auto = checkpoint dtype on GPU, float32 on CPU",
-    "tp": "tensor-parallel size (one scheduler process per rank)",
+    "tp": "tensor-parallel size over all nodes (one scheduler process per rank)",
+    "nnodes": "number of nodes the TP group spans (node 0 serves HTTP)",
+    "node_rank": "this node's index in [0, --nnodes)",
+    "dist_init_addr": "HOST:PORT of node 0's rendezvous, reachable from every node",
     "cache": "prefix cache: radix (reuse shared prefixes) or naive (no reuse)",
     "max_prefill_length": "token budget of one prefill step; longer prompts are chunked",
     "page_size": "tokens per KV page (0 = 1 on CPU, 64 on GPU)",

@@ -30,14 +30,16 @@ def get_tp_info() -> TPInfo:
     return _TP
 
 
-def init_distributed(rank: int, size: int, device: str, port: int) -> None:
+def init_distributed(rank: int, size: int, device: str, port: int, host: str = "127.0.0.1") -> None:
+    """Join the TP group once per process: on several nodes the scheduler joins first (global
+    rank, node 0's address) and the engine's call, with the local rank for the GPU, is a no-op."""
+    if dist.is_initialized():
+        return
     set_tp_info(rank, size)
     if size == 1:
         return
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size
-    )
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

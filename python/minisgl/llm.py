@@ -36,6 +36,8 @@ class LLM:
             print("minisgl: no GPU visible, running on CPU (float32)")
         self.args = ServerArgs(model=model_path, device=device, dtype=dtype, **options)
         self.client = None
+        if self.args.nnodes > 1:
+            raise ValueError("LLM runs on one node; serve --nnodes N with python -m minisgl")
         if self.args.tp > 1:
             self._init_workers()
             return

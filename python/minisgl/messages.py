@@ -7,6 +7,7 @@ table, so nothing read from a socket can name an arbitrary class.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -102,23 +103,29 @@ class Shutdown:
     TAG: ClassVar[int] = 10
 
 
+@dataclass
+class FlushCache:
+    """API server -> scheduler: empty the prefix cache (only when no request is live); the
+    scheduler answers with the same message, `ok` and the tokens it freed filled in."""
+
+    TAG: ClassVar[int] = 11
+    ok: bool = False
+    freed_tokens: int = 0
+
+
 Message = (
-    TokenizeReq | UserReq | AbortReq | TokenOut | TextOut | ErrorOut | Ready | Stats | Shutdown
+    TokenizeReq
+    | UserReq
+    | AbortReq
+    | TokenOut
+    | TextOut
+    | ErrorOut
+    | Ready
+    | Stats
+    | Shutdown
+    | FlushCache
 )
-_BY_TAG: dict[int, type] = {
-    c.TAG: c
-    for c in (
-        TokenizeReq,
-        UserReq,
-        AbortReq,
-        TokenOut,
-        TextOut,
-        ErrorOut,
-        Ready,
-        Stats,
-        Shutdown,
-    )
-}
+_BY_TAG: dict[int, type] = {c.TAG: c for c in typing.get_args(Message)}
 
 
 def encode(msg: Message) -> bytes:

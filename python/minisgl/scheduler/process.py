@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from .. import messages
 from ..args import ServerArgs
 from ..core import SamplingParams
+from ..distributed import init_distributed
 from ..engine.engine import Engine
 from ..messages import AbortReq, ErrorOut, Message, Ready, Shutdown, Stats, UserReq, decode, encode
 from ..utils import die_with_parent, exit_on_sigterm, setup_logging
@@ -58,7 +60,14 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     die_with_parent()
     exit_on_sigterm()
     setup_logging(args.log_level, f"scheduler{rank}")
-    engine = Engine(args, rank)
+    local_rank = rank - args.local_ranks.start
+    if args.nnodes > 1:  # join with the global rank; the engine's GPU is the local rank
+        if args.resolved_device == "cuda":
+            torch.cuda.set_device(local_rank)
+        host, _, port = args.dist_init_addr.rpartition(":")
+        log.info("rank %d: joining the TP group of %d at %s:%s", rank, args.tp, host, port)
+        init_distributed(rank, args.tp, args.resolved_device, int(port), host)
+    engine = Engine(args, local_rank)
     ctx = zmq.Context()
     primary = rank == 0
     if primary:
@@ -77,10 +86,11 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
         log.info("warm-up done in %.1f s", sched.warmup())
     bcast = _Broadcaster() if args.tp > 1 else None
     launcher = ctx.socket(zmq.PUSH)
+    launcher.setsockopt(zmq.LINGER, 0)  # nobody reads it on nodes other than 0: exit anyway
     launcher.connect(f"ipc://{args.zmq_dir}/launcher")
     info = dict(
         max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size, eos_token_ids=engine.cfg.eos_token_ids,
-        kv_tokens=engine.max_tokens_in_pool,
+        kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size, model_path=engine.model_path,
     )  # fmt: skip
     launcher.send(encode(Ready(f"scheduler{rank}", info)))
     log.info("scheduler rank %d ready", rank)
@@ -97,13 +107,22 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                     except zmq.Again:
                         break
         if bcast is not None:
-            raw = bcast(raw)
+            try:
+                raw = bcast(raw)
+            except RuntimeError as e:  # gloo: a peer's connection closed
+                log.error("rank %d lost the TP group (a rank stopped or died): %s", rank, e)
+                raise SystemExit(1) from None
         for data in raw:
             msg = decode(data)
             if isinstance(msg, Shutdown):
                 log.info("scheduler rank %d shutting down", rank)
                 return
-            if isinstance(msg, AbortReq):
+            if isinstance(msg, messages.FlushCache):  # every rank decides alike: same requests
+                ok, mem, free = not sched.reqs, sched.mem, sched.mem.pages.num_free
+                if ok:
+                    mem.ensure_free(mem.pages.num_pages)  # evicts every unlocked cache entry
+                emit(messages.FlushCache(ok, (mem.pages.num_free - free) * mem.ps))
+            elif isinstance(msg, AbortReq):
                 if not sched.abort(msg.uid):
                     early_aborts[msg.uid] = time.monotonic()
             elif isinstance(msg, UserReq):

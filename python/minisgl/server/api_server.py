@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from minisgl.args import ServerArgs
 
+from . import router_api
 from .bridge import Bridge
 from .generation import ApiError, Generation
 from .metrics import Metrics
@@ -35,7 +36,9 @@ ROUTES = (
     "/generate",
     "/health",
     "/metrics",
+    *router_api.ROUTES,
 )
+KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -86,7 +89,7 @@ class Guard:
 
     async def _call(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and (path.startswith("/v1") or path == "/generate"):
+        if self.key is not None and (path.startswith("/v1") or path in KEYED):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -300,6 +303,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     async def generate(request: Request) -> Response:
         req: GenerateRequest = parse(GenerateRequest, await request.body())
         require_ready()
+        check_model(req.model)
         sp = req.sampling_params
         if req.input_ids is not None:
             check_ids(req.input_ids, "input_ids")
@@ -314,14 +318,16 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         for ps in params:
             gen.add(0, prompt, ps, sp.stop, chat=False)
         rid = "gen-" + Formatter("completion", name, False).id[5:]
-        stream = native_stream(gen, rid, req.return_logprob) if req.stream else None
+        texts = req.return_text_in_logprobs
+        stream = native_stream(gen, rid, req.return_logprob, texts) if req.stream else None
 
         def full() -> Any:
-            items = [native_item(c, rid, req.return_logprob) for c in gen.choices]
+            items = [native_item(c, rid, req.return_logprob, texts) for c in gen.choices]
             return items[0] if len(items) == 1 else items
 
         return await respond(gen, request, stream, full)
 
+    router_api.add_router_routes(app, args, bridge, require_ready)
     return Guard(app, args, metrics)  # type: ignore[return-value]
 
 
@@ -330,7 +336,9 @@ class _NativeView:
 
     def __init__(self, sp: Any) -> None:
         self.temperature, self.top_p, self.top_k = sp.temperature, sp.top_p, sp.top_k
-        self.ignore_eos, self.seed = sp.ignore_eos, sp.seed
+        if None not in (sp.seed, sp.sampling_seed) and sp.seed != sp.sampling_seed:
+            raise ApiError(400, "seed and sampling_seed differ", "sampling_params.seed")
+        self.ignore_eos, self.seed = sp.ignore_eos, sp.sampling_seed if sp.seed is None else sp.seed
         self.stop_token_ids = sp.stop_token_ids
 
 

@@ -24,6 +24,7 @@ from minisgl.args import ServerArgs
 from minisgl.messages import (
     AbortReq,
     ErrorOut,
+    FlushCache,
     Ready,
     Stats,
     TextOut,
@@ -57,7 +58,7 @@ class Bridge:
         self.reqs: dict[int, ReqHandle] = {}
         self.next_uid = 1
         self._rr = 0
-        self.expected = {f"scheduler{r}" for r in range(args.tp)} | {"detokenizer"}
+        self.expected = {f"scheduler{r}" for r in args.local_ranks} | {"detokenizer"}
         self.expected |= {f"tokenizer-{i}" for i in range(args.num_tokenizer)}
         self.ready: set[str] = set()
         self.info: dict[str, Any] = {}  # from the scheduler: max_seq_len, vocab_size, ...
@@ -66,6 +67,7 @@ class Bridge:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_ready: list[Any] = []
         self._tasks: list[asyncio.Task] = []
+        self._flush: asyncio.Future | None = None
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -80,6 +82,7 @@ class Bridge:
             for i in range(self.args.num_tokenizer)
         ]
         self.detok_push = self._socket(zmq.PUSH, f"ipc://{d}/detokenizer")
+        self.sched_push = self._socket(zmq.PUSH, f"ipc://{d}/scheduler")  # FlushCache only
         self._tasks = [
             asyncio.create_task(self._recv_loop()),
             asyncio.create_task(self._ready_loop()),
@@ -173,6 +176,13 @@ class Bridge:
             logger.error("server can no longer serve: %s", reason)
         self.fail_all(f"request failed: {reason}", 503)
 
+    async def flush_cache(self, timeout: float = 10.0) -> FlushCache:
+        """Ask the scheduler to empty its prefix cache; concurrent callers share one answer."""
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_future()
+            self.sched_push.send(encode(FlushCache()))
+        return await asyncio.wait_for(asyncio.shield(self._flush), timeout)
+
     async def _recv_loop(self) -> None:
         m = self.metrics
         while True:
@@ -209,3 +219,5 @@ class Bridge:
                     h.queue.put_nowait((h.index, msg))
             elif isinstance(msg, Stats):
                 m.engine.update(msg.values)
+            elif isinstance(msg, FlushCache) and self._flush and not self._flush.done():
+                self._flush.set_result(msg)

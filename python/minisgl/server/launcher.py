@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from minisgl.args import ServerArgs
+from minisgl.messages import Shutdown, encode
 
 logger = logging.getLogger("minisgl.server")
 
@@ -76,7 +77,7 @@ class Workers:
     def __init__(self, args: ServerArgs) -> None:
         self.dir = tempfile.mkdtemp(prefix="minisgl-")
         dist_port = args.dist_port
-        if args.tp > 1 and not dist_port:  # torch.distributed rendezvous of the TP ranks
+        if args.tp > 1 and args.nnodes == 1 and not dist_port:  # rendezvous of the TP ranks
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 dist_port = sock.getsockname()[1]
@@ -102,7 +103,7 @@ class Workers:
             cores = (
                 len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             )
-            threads = max(1, (cores or 1) // self.args.tp - 2)
+            threads = max(1, (cores or 1) // len(self.args.local_ranks) - 2)
             env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         else:
             env = {}
@@ -129,9 +130,10 @@ class Workers:
     def start(self) -> None:
         self._quiet_resource_tracker()
         ctx = mp.get_context("spawn")
-        jobs = [(f"scheduler{r}", "scheduler", r) for r in range(self.args.tp)]
-        jobs.append(("detokenizer", "detokenizer", 0))
-        jobs += [(f"tokenizer-{i}", "tokenizer", i) for i in range(self.args.num_tokenizer)]
+        jobs = [(f"scheduler{r}", "scheduler", r) for r in self.args.local_ranks]
+        if self.args.node_rank == 0:  # other nodes run scheduler ranks only
+            jobs.append(("detokenizer", "detokenizer", 0))
+            jobs += [(f"tokenizer-{i}", "tokenizer", i) for i in range(self.args.num_tokenizer)]
         for name, kind, index in jobs:
             p = ctx.Process(
                 target=_child_main, args=(kind, self.args, index), name=f"minisgl-{name}"
@@ -146,6 +148,17 @@ class Workers:
             self.procs[name] = p
             logger.info("started %s (pid %d)", name, p.pid)
 
+    def _shutdown_group(self) -> None:
+        """Shutdown to scheduler0, broadcast to every rank: the other nodes exit 0, not 1."""
+        import zmq
+
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.PUSH)
+        sock.connect(f"ipc://{self.dir}/scheduler")
+        sock.send(encode(Shutdown()))
+        self.procs["scheduler0"].join(2.0)
+        ctx.destroy(linger=0)
+
     def first_dead(self) -> str | None:
         for name, p in self.procs.items():
             if not p.is_alive():
@@ -157,6 +170,8 @@ class Workers:
 
     def stop(self, timeout: float = 2.5) -> None:
         self.stopping = True
+        if self.args.nnodes > 1 and self.args.node_rank == 0 and self.first_dead() is None:
+            self._shutdown_group()
         for p in self.procs.values():
             if p.is_alive():
                 p.terminate()

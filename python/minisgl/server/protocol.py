@@ -8,7 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -126,6 +126,10 @@ class _Sampling(_SamplingChecks):
     user: SStr | None = None
     frequency_penalty: SFloat | None = None
     presence_penalty: SFloat | None = None
+    # SGLang's fields that sglang-router writes into every request, at how minisgl behaves
+    no_stop_trim: Literal[False] = False
+    skip_special_tokens: Literal[True] = True
+    return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
     _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
@@ -200,6 +204,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: SInt | None = None
     add_generation_prompt: SBool = True
     response_format: dict[str, Any] | None = None
+    continue_final_message: Literal[False] = False
+    # SGLang's: they act only with a reasoning parser, and minisgl has none (nothing to split)
+    separate_reasoning: SBool = True
+    stream_reasoning: SBool = True
 
     _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
     _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
@@ -221,18 +229,28 @@ class NativeSamplingParams(_SamplingChecks):
     stop_token_ids: list[SInt] | None = None
     ignore_eos: SBool = False
     seed: SInt | None = None
+    sampling_seed: SInt | None = None  # SGLang's name (the only one sglang-router forwards)
     n: SInt = 1
 
     _v_max_tokens = field_validator("max_new_tokens")(_positive)
+    _v_sampling_seed = field_validator("sampling_seed")(_seed)
 
 
 class GenerateRequest(_Strict):
     text: SStr | None = None
     input_ids: list[SInt] | None = None
+    model: SStr | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
     stream: SBool = False
     return_logprob: SBool = False
     top_logprobs_num: SInt = 0
+    return_text_in_logprobs: SBool = True  # SGLang's default is False: text, or None, per entry
+    log_metrics: Literal[True] = True  # and the other SGLang fields sglang-router writes
+    return_hidden_states: Literal[False] = False
+    return_entropy: Literal[False] = False
+    return_bytes: Literal[False] = False
+    background: Literal[False] = False
+    no_logs: Literal[False] = False
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateRequest:

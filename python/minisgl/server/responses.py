@@ -141,7 +141,7 @@ class Formatter:
 
 
 # ---- native /generate -----------------------------------------------------------------------
-def native_item(c: Choice, rid: str, want_logprobs: bool) -> dict[str, Any]:
+def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) -> dict[str, Any]:
     finish = None
     if c.finish_reason is not None:
         finish = {"type": c.finish_reason}
@@ -154,9 +154,12 @@ def native_item(c: Choice, rid: str, want_logprobs: bool) -> dict[str, Any]:
     }
     if want_logprobs:
         meta["output_token_logprobs"] = [
-            [lp, tid, text] for (text, lp, _), tid in zip(c.logprobs, c.token_ids)
+            [lp, tid, text if texts else None]
+            for (text, lp, _), tid in zip(c.logprobs, c.token_ids)
         ]
-        meta["output_top_logprobs"] = [[[v, i, t] for i, t, v in top] for _, _, top in c.logprobs]
+        meta["output_top_logprobs"] = [
+            [[v, i, t if texts else None] for i, t, v in top] for _, _, top in c.logprobs
+        ]
     return {
         "index": c.index,
         "text": c.text[: c.sent],
@@ -165,12 +168,14 @@ def native_item(c: Choice, rid: str, want_logprobs: bool) -> dict[str, Any]:
     }
 
 
-async def native_stream(gen: Generation, rid: str, want_logprobs: bool) -> AsyncIterator[str]:
+async def native_stream(
+    gen: Generation, rid: str, want_logprobs: bool, texts: bool = True
+) -> AsyncIterator[str]:
     """Each event carries the text and ids so far (SGLang's /generate streaming format)."""
     try:
         async for ev in gen.events():
             if ev.delta or ev.finished:
-                yield sse(native_item(ev.choice, rid, want_logprobs))
+                yield sse(native_item(ev.choice, rid, want_logprobs, texts))
         yield "data: [DONE]\n\n"
     except ApiError as e:
         yield sse(error_body(e.status, e.message, e.param))
