@@ -1,4 +1,9 @@
-"""`python -m minisgl --model DIR [flags]`: the HTTP server, or `--shell` for a terminal chat."""
+"""`python -m minisgl --model DIR [flags]`: the HTTP server, or `--shell` for a terminal chat.
+
+Everything that can be wrong before a worker starts (flags, the model, the template, GPUs) is
+checked here and reported as one line with exit status 2. Nothing heavy is imported before
+the flags are parsed, so `--help` answers at once.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +11,14 @@ import contextlib
 import io
 import os
 import sys
+from typing import NoReturn
 
 from minisgl.args import ServerArgs
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"python -m minisgl: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _parse(argv: list[str] | None) -> ServerArgs:
@@ -23,32 +34,40 @@ def _parse(argv: list[str] | None) -> ServerArgs:
         if lines:
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
-    local = args.model.startswith((".", "/", "~")) or os.path.exists(args.model)
-    if local and not os.path.isfile(os.path.join(os.path.expanduser(args.model), "config.json")):
-        print(
-            f"python -m minisgl: error: --model {args.model!r} is not a model directory "
-            "(no config.json there)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+    args = _resolve_model(args)
     local = len(args.local_ranks)
     if local > 1 and args.resolved_device == "cuda":
         import torch
 
         if local > torch.cuda.device_count():
-            print(
-                f"python -m minisgl: error: --tp {args.tp} needs {local} GPUs"
-                f"{' per node' if args.nnodes > 1 else ''}, "
-                f"{torch.cuda.device_count()} visible",
-                file=sys.stderr,
+            per_node = " per node" if args.nnodes > 1 else ""
+            _fail(
+                f"--tp {args.tp} needs {local} GPUs{per_node}, {torch.cuda.device_count()} visible"
             )
-            raise SystemExit(2)
     if args.chat_template and not os.path.isfile(args.chat_template):
-        print(
-            f"python -m minisgl: error: --chat-template {args.chat_template!r} is not a file",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
+        _fail(f"--chat-template {args.chat_template!r} is not a file")
+    return args
+
+
+def _resolve_model(args: ServerArgs) -> ServerArgs:
+    """A hub id is found in the cache (or downloaded) here, before any worker starts, so a
+    model that cannot be had is one line, not a traceback in every worker. The workers then
+    read the local snapshot; clients keep sending the id (the served model name)."""
+    path = os.path.expanduser(args.model)
+    if not (args.model.startswith((".", "/", "~")) or os.path.exists(path)):
+        from minisgl.models.weights import resolve_model_path
+
+        try:
+            path = resolve_model_path(args.model)
+        except ValueError as e:
+            _fail(str(e))
+        args = args.replace(model=path, served_model_name=args.served_model_name or args.model)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        _fail(f"--model {args.model!r} is not a model directory (no config.json there)")
+    from minisgl.tokenizer import has_tokenizer
+
+    if args.shell and not has_tokenizer(path):
+        _fail(f"--shell needs a tokenizer, and {path} has none")
     return args
 
 

@@ -41,7 +41,7 @@ class ServerArgs:
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16
     temperature: float = 0.0  # shell sampling defaults
-    max_tokens: int = 512
+    max_tokens: int = 0  # 0 = fitted to the context (shell.py)
     # internal
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
@@ -83,6 +83,7 @@ class ServerArgs:
         need(self.cuda_graph_max_bs >= -1, "--cuda-graph-max-bs must be >= 0")
         need(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         need(self.num_tokenizer >= 1, "--num-tokenizer must be >= 1")
+        need(self.max_tokens >= 0, f"--max-tokens must be >= 0, got {self.max_tokens}")
         need(
             self.max_n >= 1 and self.max_request_bytes >= 1024,
             "--max-n / --max-request-bytes too small",
@@ -115,7 +116,7 @@ class ServerArgs:
 
 
 _HELP = {
-    "model": "HF model id or local directory",
+    "model": "HF model id or local model directory (required)",
     "device": "auto (cuda when a GPU is visible), cuda or cpu",
     "dtype": "auto = checkpoint dtype on GPU, float32 on CPU",
     "tp": "tensor-parallel size over all nodes (one scheduler process per rank)",
@@ -124,52 +125,84 @@ _HELP = {
     "dist_init_addr": "HOST:PORT of node 0's rendezvous, reachable from every node",
     "cache": "prefix cache: radix (reuse shared prefixes) or naive (no reuse)",
     "max_prefill_length": "token budget of one prefill step; longer prompts are chunked",
-    "page_size": "tokens per KV page (0 = 1 on CPU, 64 on GPU)",
+    "page_size": "tokens per KV page; 0 = 1 on CPU, 64 on GPU",
     "attn": "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi",
-    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph (-1 auto, 0 off)",
+    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph; -1 = auto, 0 = off",
     "max_running_requests": "cap on requests decoding at once",
     "memory_ratio": "fraction of GPU memory for weights + KV cache",
-    "num_pages": "KV pages to allocate (overrides --memory-ratio)",
-    "max_seq_len": "longest sequence (prompt + output); 0 = model context length",
+    "num_pages": "KV pages to allocate (overrides --memory-ratio); 0 = from memory",
+    "max_seq_len": "longest sequence (prompt + output); 0 = the model's context length",
     "dummy_weight": "random weights: a directory with only config.json runs",
     "seed": "seed for unseeded sampling and dummy weights",
-    "host": "address to bind (default loopback only)",
+    "host": "address to bind; 0.0.0.0 exposes the server to the network",
     "port": "HTTP port",
     "shell": "interactive chat in the terminal instead of an HTTP server",
     "chat_template": "path of a Jinja chat template overriding the tokenizer's",
-    "served_model_name": "model name reported by the API (default: --model)",
-    "api_key": "require 'Authorization: Bearer KEY' on /v1 routes",
+    "served_model_name": "the name clients send as `model` and /v1/models lists "
+    "(default: the --model argument as given)",
+    "api_key": "require 'Authorization: Bearer KEY' on every /v1 route and /generate "
+    "(/health and /metrics stay open)",
     "num_tokenizer": "number of tokenizer worker processes",
     "log_level": "debug, info, warning or error",
-    "max_request_bytes": "largest accepted request body",
+    "max_request_bytes": "largest accepted request body, in bytes",
     "max_n": "largest accepted n (choices per request)",
-    "temperature": "shell: sampling temperature",
-    "max_tokens": "shell: max new tokens per answer",
+    "temperature": "sampling temperature of the answers",
+    "max_tokens": "max new tokens per answer; 0 = a quarter of the context, at most 512",
+}
+_GROUPS = {  # --help sections, in this order; every flag is in one
+    "model": ["model", "served_model_name", "chat_template", "dtype", "dummy_weight", "seed"],
+    "engine": ["device", "tp", "nnodes", "node_rank", "dist_init_addr", "cache", "max_prefill_length", "page_size", "attn",
+               "cuda_graph_max_bs", "max_running_requests", "memory_ratio", "num_pages",
+               "max_seq_len"],
+    "HTTP server": ["host", "port", "api_key", "num_tokenizer", "log_level",
+                    "max_request_bytes", "max_n"],
+    "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
+}  # fmt: skip
+ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py checks the list)
+    "MINISGL_DISABLE_OVERLAP_SCHEDULING=1": "the plain sequential scheduler loop",
+    "MINISGL_DECODE_SORT=0": "decode in admission order, not longest context first",
+    "MINISGL_DISABLE_KERNELS=1": "torch/FlashInfer ops, not minisgl's Triton/tvm-ffi kernels",
+    "MINISGL_DISABLE_FUSED=1": "torch ops, not FlashInfer's fused norm/activation/RoPE",
+    "MINISGL_FI_TENSOR_CORES=0|1": "FlashInfer decode on tensor cores (default: 1 at 2+ q/kv)",
+    "MINISGL_FI_DECODE_BACKEND": "that decode kernel's FlashInfer backend (default: fa2)",
+    "MINISGL_DEBUG_POISON=1": "debug: NaN-filled KV pool and sentinels (docs/correctness.md)",
+    "MINISGL_QK_HEADS, MINISGL_QK_WARPS": "heads, warps per program of the q/k-norm+RoPE kernel",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minisgl", description="minisgl LLM server")
-    for f in dataclasses.fields(ServerArgs):
-        if not f.repr:
+    from minisgl import __version__
+
+    env = "\n".join(f"  {k}\n{' ' * 8}{v}" for k, v in ENV_VARS.items())
+    p = argparse.ArgumentParser(
+        prog="python -m minisgl",
+        description="minisgl: an OpenAI-compatible LLM server, or a terminal chat with --shell.",
+        epilog=f"environment variables:\n{env}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"minisgl {__version__}")
+    fields = {f.name: f for f in dataclasses.fields(ServerArgs) if f.repr}
+    grouped = {n for names in _GROUPS.values() for n in names}
+    groups = {**_GROUPS, "other": [n for n in fields if n not in grouped]}
+    for title, names in groups.items():
+        if not names:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=_HELP[f.name])
-        else:
+        group = p.add_argument_group(title)
+        for name in names:
+            flag, default, text = "--" + name.replace("_", "-"), fields[name].default, _HELP[name]
+            if isinstance(default, bool):
+                group.add_argument(flag, action="store_true", help=text)
+                continue
+            if default not in (None, "") and "default" not in text:
+                text += f" (default: {default})"
             typ = type(default) if default is not None else str
-            p.add_argument(
-                flag, type=typ, default=default, help=f"{_HELP[f.name]} (default: {default})"
-            )
+            group.add_argument(flag, type=typ, default=default, required=name == "model", help=text)
     return p
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if not ns.model:
-        parser.error("--model is required")
     try:
         return ServerArgs(**vars(ns))
     except ValueError as e:

@@ -62,9 +62,12 @@ def resolve_model_path(model: str) -> str:
             model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
         )
     except Exception as e:  # network errors, unknown repos, gated models
-        raise ValueError(
-            f"cannot find model {model!r} locally or on the Hugging Face hub: {e}"
-        ) from e
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        why = " ".join(str(e).split())  # one line: the hub's messages span several
+        if isinstance(e, LocalEntryNotFoundError):
+            why = "not in the local Hugging Face cache, and the hub cannot be reached"
+        raise ValueError(f"cannot find model {model!r}: {why}") from e
 
 
 def safetensors_files(path: str) -> list[str]:
