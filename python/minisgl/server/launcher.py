@@ -218,7 +218,9 @@ def run_server(args: ServerArgs) -> int:
         app,
         host=args.host,
         port=args.port,
-        log_level=args.log_level,
+        # uvicorn's own startup lines ("Uvicorn running on ...") come before the workers are
+        # ready: only `announce` below says where to connect, and only when it is worth it
+        log_level=args.log_level if args.log_level != "info" else "warning",
         access_log=args.log_level == "debug",
         timeout_graceful_shutdown=1,
         lifespan="on",
@@ -235,6 +237,9 @@ def run_server(args: ServerArgs) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     def announce() -> None:
+        if not server.started:  # the workers were faster than the socket bind
+            bridge.loop.call_later(0.05, announce)
+            return
         info = bridge.info
         logger.info(
             "ready: serving %r at http://%s:%d (context %s tokens, %d tokenizer worker(s), tp %d)",
