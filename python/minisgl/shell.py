@@ -8,15 +8,22 @@ A model with a chat template (or --chat-template) chats: the history is a list o
 rendered by the template. A base model without one runs in plain-continuation mode: the prompt
 is the running transcript (every input and answer so far, concatenated).
 
-Commands: /reset clears the history; /exit, /quit or Ctrl-D leave. Ctrl-C during an answer
-aborts that request (the scheduler frees its pages) and returns to the prompt; Ctrl-C at an
-empty prompt exits.
+Answers get --max-tokens new tokens, by default a quarter of the context (at most 512), so the
+history keeps three quarters. When the history no longer fits beside a new input, the oldest
+turns are dropped (and the shell says so) until it does.
+
+Commands: /reset clears the history; /exit, /quit or Ctrl-D leave; any other /word gets the
+help (a line starting with a space is sent as it is). Ctrl-C during an answer aborts that
+request (the scheduler frees its pages) and returns to the prompt; Ctrl-C at an empty prompt
+exits.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -28,6 +35,7 @@ from minisgl.server.client import WorkerClient, WorkerDied
 logger = logging.getLogger("minisgl.shell")
 
 HELP = "commands: /reset clears the history, /exit or /quit (or Ctrl-D) leaves"
+DEFAULT_MAX_TOKENS = 512
 
 
 class LineReader:
@@ -68,39 +76,50 @@ class Shell:
         self.out = out
         info = client.tokenizer_info
         self.chat = bool(info.get("has_chat_template"))
-        self.messages: list[dict[str, str]] = []
-        self.transcript = ""
+        self.turns: list[tuple[str, str]] = []  # (input, answer), oldest first
 
     def write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
 
     def reset(self) -> None:
-        self.messages = []
-        self.transcript = ""
+        self.turns = []
 
     def build_prompt(self, line: str) -> str:
         if self.chat:
-            msgs = self.messages + [{"role": "user", "content": line}]
+            msgs = [
+                {"role": role, "content": text}
+                for turn in self.turns
+                for role, text in zip(("user", "assistant"), turn)
+            ]
+            msgs.append({"role": "user", "content": line})
             return json.dumps({"messages": msgs, "add_generation_prompt": True})
-        sep = "" if not self.transcript or self.transcript[-1].isspace() else " "
-        return self.transcript + sep + line
+        text = ""  # plain continuation: every input and answer so far, then this input
+        for said, answer in [*self.turns, (line, "")]:
+            text += ("" if not text or text[-1].isspace() else " ") + said + answer
+        return text
 
     def answer(self, line: str) -> None:
         """Stream one answer; record the turn in the history unless it failed or was aborted."""
-        prompt = self.build_prompt(line)
         params = {"temperature": float(self.args.temperature), "max_tokens": self.args.max_tokens}
         c = self.client
         t0 = time.perf_counter()
-        uid = c.submit(prompt, params, self.chat)
         parts: list[str] = []
-        ntok = 0
+        ntok = uid = 0
         try:
-            for msg in c.results(uid):
+            while True:
+                uid = c.submit(self.build_prompt(line), params, self.chat)
+                results = c.results(uid)
+                first = next(results)
+                # the tokenizer's length errors all say "context": with a history to spare,
+                # drop its oldest turn and ask again
+                if not (isinstance(first, ErrorOut) and "context" in first.message and self.turns):
+                    break
+                self.turns.pop(0)
+                self.write(f"(context full: dropped the oldest turn, {len(self.turns)} kept)\n")
+            for msg in itertools.chain([first], results):
                 if isinstance(msg, ErrorOut):
                     self.write(f"error: {msg.message}\n")
-                    if not self.chat or self.messages:
-                        self.write("(use /reset to clear the history)\n")
                     return
                 ntok += len(msg.token_ids)
                 if msg.text:
@@ -111,16 +130,9 @@ class Shell:
             self.write(f"\n[aborted after {ntok} tokens]\n")
             return
         dt = time.perf_counter() - t0
-        text = "".join(parts)
         rate = ntok / dt if dt > 0 else 0.0
         self.write(f"\n[{ntok} tokens, {rate:.1f} tok/s]\n")
-        if self.chat:
-            self.messages += [
-                {"role": "user", "content": line},
-                {"role": "assistant", "content": text},
-            ]
-        else:
-            self.transcript = prompt + text
+        self.turns.append((line, "".join(parts)))
 
     def loop(self, reader: LineReader) -> None:
         while True:
@@ -141,8 +153,9 @@ class Shell:
                 self.reset()
                 self.write("(history cleared)\n")
                 continue
-            if cmd in ("/help", "/?"):
-                self.write(HELP + "\n")
+            if line.startswith("/"):  # /help, /? and any unknown command
+                known = cmd in ("/help", "/?")
+                self.write(("" if known else f"unknown command {cmd.split()[0]}; ") + HELP + "\n")
                 continue
             self.answer(line)
 
@@ -153,26 +166,33 @@ def run_shell(args: ServerArgs) -> int:
 
     if args.log_level == "info":  # the default: keep the workers' logs off the chat
         args = args.replace(log_level="warning")
+        # and the libraries' warnings too (the workers inherit the environment)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("PYTHONWARNINGS", "ignore")
     setup_logging(args.log_level, "shell")
     client = None
     status = 0
     try:
-        print(f"loading {args.model} ...", flush=True)
+        print(f"loading {args.model_name} ...", flush=True)
         client = WorkerClient(args)  # starts the workers and waits until all are ready
-        args = client.args
-        shell = Shell(args, client)
         info = client.tokenizer_info
         if not info.get("has_tokenizer", True):
             print("this model has no tokenizer: the shell needs one", file=sys.stderr)
             return 1
-        ctx = client.info.get("max_seq_len")
+        ctx = int(client.info["max_seq_len"])
+        if args.max_tokens >= ctx:
+            print(f"error: --max-tokens {args.max_tokens} leaves no room for an input in the "
+                  f"context of {ctx} tokens", file=sys.stderr)  # fmt: skip
+            return 2
+        fitted = args.max_tokens or min(DEFAULT_MAX_TOKENS, max(1, ctx // 4))
+        shell = Shell(client.args.replace(max_tokens=fitted), client)
+        limits = f"context {ctx} tokens, answers up to {fitted}"
         if shell.chat:
-            print(f"chat mode (context {ctx} tokens). {HELP}", flush=True)
+            print(f"chat mode ({limits}). {HELP}", flush=True)
         else:
             print(
                 "this model has no chat template: plain-continuation mode (each input continues "
-                "the transcript so far; pass --chat-template FILE to chat). "
-                f"Context {ctx} tokens. {HELP}",
+                f"the transcript so far; pass --chat-template FILE to chat; {limits}). {HELP}",
                 flush=True,
             )
         shell.loop(LineReader())
