@@ -22,7 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmark"
-STORIES = ROOT.parent / "shared" / "models" / "stories260K"
 PY = sys.executable
 
 
@@ -298,26 +297,12 @@ def test_plot_two_results(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- against the engine
 
 
-def _has(module: str, attr: str | None = None) -> bool:
-    try:
-        spec = importlib.util.find_spec(module)
-    except ModuleNotFoundError:
-        return False
-    if spec is None or attr is None:
-        return spec is not None
-    return hasattr(importlib.import_module(module), attr)
-
-
-def test_offline_bench_smoke_cpu() -> None:
-    if not STORIES.exists():
-        pytest.skip(f"{STORIES} not present")
-    if not _has("minisgl", "LLM"):
-        pytest.skip("minisgl.LLM (the offline API) does not exist yet")
+def test_offline_bench_smoke_cpu(small_llama_dir: str) -> None:
     cmd = [
         PY,
         str(BENCH / "offline/bench.py"),
         "--model",
-        str(STORIES),
+        small_llama_dir,
         "--device",
         "cpu",
         "--num-reqs",
@@ -358,18 +343,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bench_serving_against_cpu_server(tmp_path: Path) -> None:
+def test_bench_serving_against_cpu_server(tmp_path: Path, small_llama_dir: str) -> None:
     import httpx
 
-    if not STORIES.exists():
-        pytest.skip(f"{STORIES} not present")
-    if not _has("minisgl.__main__"):
-        pytest.skip("the minisgl server (python -m minisgl) does not exist yet")
     port = free_port()
     log = open(tmp_path / "server.log", "w+")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     server = subprocess.Popen(
-        [PY, "-m", "minisgl", "--model", str(STORIES), "--device", "cpu", "--port", str(port)],
+        [PY, "-m", "minisgl", "--model", small_llama_dir, "--device", "cpu", "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=env,

@@ -1,8 +1,9 @@
-"""The incremental detokenizer alone: streamed deltas must concatenate to the full decode."""
+"""The incremental detokenizer alone: streamed deltas must concatenate to the full decode.
+
+On the SentencePiece-style tokenizer of `small_llama_dir` (byte fallback, `\u2581` spaces), and
+again on stories260K's real one when ../shared has it."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -10,9 +11,6 @@ from hypothesis import strategies as st
 
 from minisgl.messages import AbortReq, ErrorOut, Stats, TextOut, TokenOut
 from minisgl.server.detokenizer import Detokenizer, IncrementalDetokenizer
-
-MODEL = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
-pytestmark = pytest.mark.skipif(not MODEL.exists(), reason=f"{MODEL} not found")
 
 TEXTS = [
     "Once upon a time, there was a little girl.",
@@ -25,11 +23,11 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok():
+@pytest.fixture(scope="module", params=["small_llama_dir", "stories_dir"])
+def tok(request):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(MODEL))
+    return AutoTokenizer.from_pretrained(request.getfixturevalue(request.param))
 
 
 def full_decode(tok, ids):

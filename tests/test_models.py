@@ -1,4 +1,5 @@
-"""Model correctness: minisgl against transformers on tiny random checkpoints and stories260K."""
+"""Model correctness: minisgl against transformers on tiny random checkpoints (and stories260K's
+real output when ../shared has it)."""
 
 from __future__ import annotations
 
@@ -166,9 +167,10 @@ def test_stories_once_upon_a_time(stories_dir: str, engines) -> None:
     assert out["text"] == STORIES_TEXT
 
 
-def test_stories_batch_equals_alone(stories_dir: str, engines) -> None:
+@pytest.mark.parametrize("model", ["small_llama_dir", "stories_dir"])
+def test_stories_batch_equals_alone(model: str, engines, request) -> None:
     assert len(set(STORY_PROMPTS)) == 16
-    llm = engines.get(stories_dir)
+    llm = engines.get(request.getfixturevalue(model))
     params = greedy(24)
     together = llm.generate(STORY_PROMPTS, params, use_tqdm=False)
     assert len(together) == len(STORY_PROMPTS)

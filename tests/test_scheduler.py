@@ -1,4 +1,5 @@
-"""Scheduler acceptance tests (issue 3, points 2-6) on the real stories260K checkpoint, on CPU.
+"""Scheduler acceptance tests (issue 3, points 2-6) on CPU, on `small_llama_dir`
+(stories260K's shape with random weights, built by conftest).
 
 Every scheduler here runs with `debug_checks=True`: after each step `ReqMemory.check` asserts
 that every KV page is free, in the prefix cache or owned by exactly one live request, and that
@@ -21,7 +22,7 @@ from minisgl import LLM
 from minisgl.core import SamplingParams
 from minisgl.messages import TokenOut
 
-CONTEXT = 512  # stories260K max_position_embeddings
+CONTEXT = 512  # small_llama_dir (stories260K's shape): max_position_embeddings
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
@@ -118,7 +119,7 @@ def token_ids(results: list[dict[str, object]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
-def test_shared_prefix_hits_cache_and_matches_naive(stories_dir: str, page_size: int) -> None:
+def test_shared_prefix_hits_cache_and_matches_naive(small_llama_dir: str, page_size: int) -> None:
     rng = random.Random(2)
     prefix = [rng.randrange(3, 500) for _ in range(200)]
     a = prefix + [7, *(rng.randrange(3, 500) for _ in range(19))]
@@ -127,7 +128,7 @@ def test_shared_prefix_hits_cache_and_matches_naive(stories_dir: str, page_size:
 
     outs, hits = {}, {}
     for cache in ("radix", "naive"):
-        llm = make_llm(stories_dir, cache=cache, page_size=page_size)
+        llm = make_llm(small_llama_dir, cache=cache, page_size=page_size)
         msgs = record(llm)
         res = []
         for prompt in (a, b, b):  # a alone, then b (shares the prefix), then b again (all of it)
@@ -157,7 +158,7 @@ def test_shared_prefix_hits_cache_and_matches_naive(stories_dir: str, page_size:
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
-def test_chunked_prefill_matches_unlimited(stories_dir: str, overlap: bool) -> None:
+def test_chunked_prefill_matches_unlimited(small_llama_dir: str, overlap: bool) -> None:
     rng = random.Random(3)
     lens = [100, 400, 150, 250, 333, 120, 380, 210]
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in lens]
@@ -169,7 +170,7 @@ def test_chunked_prefill_matches_unlimited(stories_dir: str, overlap: bool) -> N
 
     outs, steps = {}, {}
     for budget in (16, 8192):
-        llm = make_llm(stories_dir, overlap=overlap, max_prefill_length=budget)
+        llm = make_llm(small_llama_dir, overlap=overlap, max_prefill_length=budget)
         steps[budget] = count_steps(llm)
         outs[budget] = token_ids(llm.generate(prompts, params, use_tqdm=False))
         assert_idle(llm)
@@ -182,9 +183,9 @@ def test_chunked_prefill_matches_unlimited(stories_dir: str, overlap: bool) -> N
     assert outs[16] == outs[8192]
 
 
-def test_chunked_prefill_keeps_decoding(stories_dir: str) -> None:
+def test_chunked_prefill_keeps_decoding(small_llama_dir: str) -> None:
     """While a long prompt is prefilled chunk by chunk, already running requests decode."""
-    llm = make_llm(stories_dir, max_prefill_length=16)
+    llm = make_llm(small_llama_dir, max_prefill_length=16)
     rng = random.Random(33)
     short = [rng.randrange(3, 500) for _ in range(10)]
     long = [rng.randrange(3, 500) for _ in range(300)]
@@ -238,11 +239,11 @@ def _mixed_workload(sampled: bool) -> tuple[list[list[int]], list[SamplingParams
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "mixed-seeded"])
-def test_overlap_matches_sequential(stories_dir: str, sampled: bool) -> None:
+def test_overlap_matches_sequential(small_llama_dir: str, sampled: bool) -> None:
     prompts, params = _mixed_workload(sampled)
     outs, steps = {}, {}
     for overlap in (True, False):
-        llm = make_llm(stories_dir, overlap=overlap, max_prefill_length=256)
+        llm = make_llm(small_llama_dir, overlap=overlap, max_prefill_length=256)
         steps[overlap] = count_steps(llm)
         outs[overlap] = token_ids(llm.generate(prompts, params, use_tqdm=False))
         assert_idle(llm)
@@ -252,38 +253,40 @@ def test_overlap_matches_sequential(stories_dir: str, sampled: bool) -> None:
         assert 1 <= len(out) <= p.max_tokens
     # seeded sampling is reproducible: a second overlapped run gives the same tokens
     if sampled:
-        llm = make_llm(stories_dir, overlap=True, max_prefill_length=256)
+        llm = make_llm(small_llama_dir, overlap=True, max_prefill_length=256)
         assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == outs[True]
 
 
-def test_overlap_env_var(stories_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_overlap_env_var(small_llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINISGL_DISABLE_OVERLAP_SCHEDULING", "1")
-    assert LLM(stories_dir, device="cpu").scheduler.overlap is False
+    assert LLM(small_llama_dir, device="cpu").scheduler.overlap is False
     monkeypatch.delenv("MINISGL_DISABLE_OVERLAP_SCHEDULING")
-    assert LLM(stories_dir, device="cpu").scheduler.overlap is True
+    assert LLM(small_llama_dir, device="cpu").scheduler.overlap is True
 
 
 # --------------------------------------------------------------------------- 5. KV pressure
 
 
 @pytest.fixture(scope="module")
-def pressure_workload(stories_dir: str) -> tuple[list[list[int]], list[SamplingParams], list]:
+def pressure_workload(small_llama_dir: str) -> tuple[list[list[int]], list[SamplingParams], list]:
     """40 requests of ~60 prompt tokens + ~30 new ones, and their unconstrained outputs."""
     prompts = random_prompts(5, 40, 50, 70)
     rng = random.Random(55)
     params = [SamplingParams(max_tokens=rng.randint(25, 35), **GREEDY) for _ in prompts]
-    ref = token_ids(make_llm(stories_dir, cache="naive").generate(prompts, params, use_tqdm=False))
+    ref = token_ids(
+        make_llm(small_llama_dir, cache="naive").generate(prompts, params, use_tqdm=False)
+    )
     return prompts, params, ref
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
 def test_kv_pressure_retracts_and_recovers(
-    stories_dir: str, pressure_workload: tuple, page_size: int, overlap: bool
+    small_llama_dir: str, pressure_workload: tuple, page_size: int, overlap: bool
 ) -> None:
     prompts, params, ref = pressure_workload
     num_pages = 300 // page_size  # about three requests of ~60 + ~30 tokens
-    llm = make_llm(stories_dir, overlap=overlap, page_size=page_size, num_pages=num_pages)
+    llm = make_llm(small_llama_dir, overlap=overlap, page_size=page_size, num_pages=num_pages)
     steps = count_steps(llm)
     out = token_ids(llm.generate(prompts, params, use_tqdm=False))
     st = llm.scheduler.stats()
@@ -306,26 +309,26 @@ def test_kv_pressure_retracts_and_recovers(
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_admission_counts_pages_of_the_whole_prefill_batch(
-    stories_dir: str, page_size: int
+    small_llama_dir: str, page_size: int
 ) -> None:
     """Two prompts that each fit the pool but not together, submitted at once: the second
     must wait for the first (each admission alone sees enough free pages, but the batch
     allocates both only after admitting them)."""
-    llm = make_llm(stories_dir, page_size=page_size, num_pages=100 // page_size)
+    llm = make_llm(small_llama_dir, page_size=page_size, num_pages=100 // page_size)
     params = SamplingParams(max_tokens=4, **GREEDY)
     prompts = [[5] * 60, [6] * 60]
     out = token_ids(llm.generate(prompts, params, use_tqdm=False))
-    ref = token_ids(make_llm(stories_dir).generate(prompts, params, use_tqdm=False))
+    ref = token_ids(make_llm(small_llama_dir).generate(prompts, params, use_tqdm=False))
     assert out == ref
     assert_idle(llm)
 
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_cached_tokens_stay_within_the_prompt_after_retraction(
-    stories_dir: str, pressure_workload: tuple, page_size: int
+    small_llama_dir: str, pressure_workload: tuple, page_size: int
 ) -> None:
     prompts, params, ref = pressure_workload
-    llm = make_llm(stories_dir, overlap=False, page_size=page_size, num_pages=300 // page_size)
+    llm = make_llm(small_llama_dir, overlap=False, page_size=page_size, num_pages=300 // page_size)
     msgs = record(llm)
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == ref
     assert llm.scheduler.counters["retracted"] > 0
@@ -333,10 +336,10 @@ def test_cached_tokens_stay_within_the_prompt_after_retraction(
     assert not bad, f"(uid, cached, prompt_len) with cached > prompt_len: {bad[:5]}"
 
 
-def test_prefill_chunks_are_inserted_into_the_cache(stories_dir: str) -> None:
+def test_prefill_chunks_are_inserted_into_the_cache(small_llama_dir: str) -> None:
     """B shares 256 tokens with A and arrives while A is still being prefilled in chunks of 64:
     A's finished chunks are already in the radix tree, so B hits them."""
-    llm = make_llm(stories_dir, max_prefill_length=64)
+    llm = make_llm(small_llama_dir, max_prefill_length=64)
     sched = llm.scheduler
     cached: dict[int, int] = {}
     sched.on_output = lambda m: [cached.setdefault(u, c) for u, c in zip(m.uids, m.cached)]
@@ -355,9 +358,11 @@ def test_prefill_chunks_are_inserted_into_the_cache(stories_dir: str) -> None:
     assert_idle(llm)
 
 
-def test_max_running_requests_caps_the_batch(stories_dir: str, pressure_workload: tuple) -> None:
+def test_max_running_requests_caps_the_batch(
+    small_llama_dir: str, pressure_workload: tuple
+) -> None:
     prompts, params, ref = pressure_workload
-    llm = make_llm(stories_dir, max_running_requests=4)
+    llm = make_llm(small_llama_dir, max_running_requests=4)
     steps = count_steps(llm)
     out = token_ids(llm.generate(prompts, params, use_tqdm=False))
     print(f"\n[max running] cap 4: {steps}")
@@ -373,11 +378,11 @@ ABORTED = list(range(0, 20, 2))
 
 
 @pytest.fixture(scope="module")
-def abort_workload(stories_dir: str) -> tuple[list[list[int]], list[SamplingParams], dict]:
+def abort_workload(small_llama_dir: str) -> tuple[list[list[int]], list[SamplingParams], dict]:
     """20 requests, and what each of the 10 survivors gives when it runs alone."""
     prompts = random_prompts(6, 20, 20, 90)
     params = [SamplingParams(max_tokens=30, **GREEDY) for _ in prompts]
-    llm = make_llm(stories_dir)
+    llm = make_llm(small_llama_dir)
     alone = {
         u: token_ids(llm.generate([prompts[u]], params[u], use_tqdm=False))[0]
         for u in range(20)
@@ -388,10 +393,10 @@ def abort_workload(stories_dir: str) -> tuple[list[list[int]], list[SamplingPara
 
 @pytest.mark.parametrize("overlap,budget", [(True, 8192), (False, 8192), (True, 48), (False, 48)])
 def test_abort_half_of_running(
-    stories_dir: str, abort_workload: tuple, overlap: bool, budget: int
+    small_llama_dir: str, abort_workload: tuple, overlap: bool, budget: int
 ) -> None:
     prompts, params, alone = abort_workload
-    llm = make_llm(stories_dir, overlap=overlap, max_prefill_length=budget)
+    llm = make_llm(small_llama_dir, overlap=overlap, max_prefill_length=budget)
     sched = llm.scheduler
     got: dict[int, list[int]] = {uid: [] for uid in range(20)}
     finished: dict[int, str] = {}
@@ -441,8 +446,8 @@ def test_abort_half_of_running(
 # --------------------------------------------------------------------------- rejection
 
 
-def test_requests_that_never_fit_are_rejected(stories_dir: str) -> None:
-    llm = make_llm(stories_dir, num_pages=64, page_size=2)  # 128 KV tokens
+def test_requests_that_never_fit_are_rejected(small_llama_dir: str) -> None:
+    llm = make_llm(small_llama_dir, num_pages=64, page_size=2)  # 128 KV tokens
     sched = llm.scheduler
     too_long = sched.add(0, [5] * 500, SamplingParams(max_tokens=20))
     assert too_long is not None and "context length 512" in too_long, too_long
@@ -480,8 +485,8 @@ def _stop_case(llm: LLM) -> tuple[list[int], list[int]]:
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
-def test_stop_token_ids_and_length(stories_dir: str, overlap: bool) -> None:
-    llm = make_llm(stories_dir, overlap=overlap)
+def test_stop_token_ids_and_length(small_llama_dir: str, overlap: bool) -> None:
+    llm = make_llm(small_llama_dir, overlap=overlap)
     prompt, full = _stop_case(llm)
     msgs = record(llm)
     stop = SamplingParams(max_tokens=20, stop_token_ids=[full[4]], **GREEDY)
@@ -497,13 +502,13 @@ def test_stop_token_ids_and_length(stories_dir: str, overlap: bool) -> None:
     assert_idle(llm)
 
 
-def test_generation_config_eos(stories_dir: str, tmp_path: Path) -> None:
+def test_generation_config_eos(small_llama_dir: str, tmp_path: Path) -> None:
     """EOS ids from generation_config.json stop a request unless ignore_eos is set."""
-    base = make_llm(stories_dir)
-    assert base.scheduler.eos == {2}  # stories260K: </s>
+    base = make_llm(small_llama_dir)
+    assert base.scheduler.eos == {2}  # </s>
     prompt, full = _stop_case(base)
     fake = tmp_path / "stories_eos"
-    shutil.copytree(stories_dir, fake)
+    shutil.copytree(small_llama_dir, fake)
     (fake / "generation_config.json").chmod(0o644)
     (fake / "generation_config.json").write_text(f'{{"eos_token_id": [2, {full[4]}]}}')
     llm = make_llm(str(fake))
@@ -522,10 +527,10 @@ def test_generation_config_eos(stories_dir: str, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- counters
 
 
-def test_counters(stories_dir: str) -> None:
+def test_counters(small_llama_dir: str) -> None:
     prompts = random_prompts(7, 12, 5, 60)
     params = [SamplingParams(max_tokens=m, **GREEDY) for m in range(1, 13)]
-    llm = make_llm(stories_dir, cache="naive", max_running_requests=5)
+    llm = make_llm(small_llama_dir, cache="naive", max_running_requests=5)
     sched = llm.scheduler
     seen: list[dict[str, float]] = []
     step = sched.step
@@ -550,7 +555,7 @@ def test_counters(stories_dir: str) -> None:
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_chunked_prefill_under_kv_pressure(stories_dir: str, overlap: bool) -> None:
+def test_chunked_prefill_under_kv_pressure(small_llama_dir: str, overlap: bool) -> None:
     """A long prompt prefilled in 16-token chunks while short requests decode in a tight pool:
     when the chunk cannot get pages it waits (and nobody is admitted past it); every output
     equals the unconstrained run."""
@@ -560,18 +565,18 @@ def test_chunked_prefill_under_kv_pressure(stories_dir: str, overlap: bool) -> N
         SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)
         for m in (60, 50, 20, 40, 45, 30)
     ]
-    ref = token_ids(make_llm(stories_dir).generate(prompts, params, use_tqdm=False))
-    llm = make_llm(stories_dir, overlap=overlap, num_pages=260, max_prefill_length=16)
+    ref = token_ids(make_llm(small_llama_dir).generate(prompts, params, use_tqdm=False))
+    llm = make_llm(small_llama_dir, overlap=overlap, num_pages=260, max_prefill_length=16)
     assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == ref
     print(f"\n[chunk+pressure] overlap={overlap}: {llm.scheduler.counters}")
     assert_idle(llm)
 
 
-def test_generate_pauses_the_garbage_collector(stories_dir: str) -> None:
+def test_generate_pauses_the_garbage_collector(small_llama_dir: str) -> None:
     """No collection pauses inside an offline batch; the caller's GC state comes back."""
     import gc
 
-    llm = make_llm(stories_dir)
+    llm = make_llm(small_llama_dir)
     seen: list[bool] = []
     step = llm.scheduler.step
 

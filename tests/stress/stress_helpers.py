@@ -1,5 +1,6 @@
 """Helpers shared by the stress suite (issue 9): real `python -m minisgl` servers on CPU with
-stories260K, /metrics parsing and OpenAI error-shape checks. Skipped when the model is absent."""
+conftest's `small_llama_dir` (stories260K's shape, random weights), /metrics parsing and OpenAI
+error-shape checks."""
 
 from __future__ import annotations
 
@@ -18,16 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from procs import alive, comm, descendants, free_port  # noqa: E402,F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO.parent / "shared" / "models" / "stories260K"
 PROMPT = "Once upon a time"
 
 
 class Server:
-    def __init__(self, tmp: Path, *flags: str, host: str | None = None) -> None:
+    def __init__(self, tmp: Path, model: str, *flags: str, host: str | None = None) -> None:
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "minisgl", "--model", str(MODEL), "--device", "cpu"]
+        cmd = [sys.executable, "-m", "minisgl", "--model", model, "--device", "cpu"]
         cmd += ["--dtype", "float32", "--port", str(self.port), *flags]
         if host:
             cmd += ["--host", host]
@@ -76,10 +77,8 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
 
 
-def start_server(tmp_path_factory, *flags: str, host: str | None = None) -> Server:
-    if not MODEL.exists():
-        pytest.skip(f"{MODEL} not found")
-    s = Server(tmp_path_factory.mktemp("srv"), *flags, host=host)
+def start_server(tmp_path_factory, model: str, *flags: str, host: str | None = None) -> Server:
+    s = Server(tmp_path_factory.mktemp("srv"), model, *flags, host=host)
     try:
         s.wait_ready()
         # the KV gauges appear with the scheduler's first Stats message (every 0.5 s)
@@ -121,9 +120,9 @@ def shaped_error(r: httpx.Response) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, small_llama_dir):
     """One server per test module (imported by the modules that use it: a conftest.py here
     would shadow tests/conftest.py for `from conftest import ...`)."""
-    s = start_server(tmp_path_factory, "--max-request-bytes", "1000000")
+    s = start_server(tmp_path_factory, small_llama_dir, "--max-request-bytes", "1000000")
     yield s
     s.stop()

@@ -18,8 +18,8 @@ RESULTS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("victim", ["minisgl:sched0", "minisgl:detok", "minisgl:tok1"])
-def test_worker_sigkill(tmp_path_factory, victim):
-    s = start_server(tmp_path_factory, "--num-tokenizer", "2")
+def test_worker_sigkill(tmp_path_factory, small_llama_dir, victim):
+    s = start_server(tmp_path_factory, small_llama_dir, "--num-tokenizer", "2")
     try:
         pids = descendants(s.proc.pid)  # collected before the kill, recursively
         names = sorted(comm(p) for p in pids)

@@ -9,18 +9,18 @@ import socket
 
 import httpx
 import pytest
-from stress_helpers import MODEL, PROMPT, shaped_error, start_server
+from stress_helpers import PROMPT, shaped_error, start_server
 
 KEY = "s3cret-key"
 TEMPLATE = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory):
+def secured(tmp_path_factory, small_llama_dir):
     tmpl = tmp_path_factory.mktemp("tmpl") / "chat.jinja"
     tmpl.write_text(TEMPLATE)
     s = start_server(
-        tmp_path_factory, "--api-key", KEY, "--max-request-bytes", "100000", "--max-n", "4",
+        tmp_path_factory, small_llama_dir, "--api-key", KEY, "--max-request-bytes", "100000", "--max-n", "4",
         "--served-model-name", "stories", "--chat-template", str(tmpl),
     )  # fmt: skip
     yield s
@@ -114,7 +114,7 @@ def test_body_and_n_caps(secured):
 def test_model_field_never_a_path(secured, tmp_path):
     fifo = tmp_path / "trap"
     os.mkfifo(fifo)  # opening it for reading would block: a hang means the server touched it
-    names = ["../../etc/passwd", "/etc/passwd", str(MODEL), str(fifo), "stories/../stories"]
+    names = ["../../etc/passwd", "/etc/passwd", secured.model, str(fifo), "stories/../stories"]
     with httpx.Client(base_url=secured.url, timeout=10) as c:
         h = {"Authorization": f"Bearer {KEY}"}
         for m in names:
