@@ -23,10 +23,8 @@ from procs import alive, descendants, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
+# the example template docs/server.md serves with (tested here so that it stays right)
+CHAT_TEMPLATE = (REPO / "docs" / "chat.jinja").read_text()
 PROMPT = "Once upon a time"
 
 
