@@ -36,10 +36,18 @@ class ServerArgs:
     chat_template: str | None = None
     served_model_name: str | None = None
     api_key: str | None = None
+    api_key_file: str | None = None
+    allowed_hosts: str | None = None
+    allowed_origins: str | None = None
     num_tokenizer: int = 1
     log_level: str = "info"
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16
+    max_choices: int = 256
+    max_waiting_requests: int = 1024
+    max_waiting_tokens: int = 1 << 20
+    request_timeout: float = 0.0
+    stall_timeout: float = 10.0
     temperature: float = 0.0  # shell sampling defaults
     max_tokens: int = 0  # 0 = fitted to the context (shell.py)
     # internal
@@ -89,9 +97,21 @@ class ServerArgs:
             "--max-n / --max-request-bytes too small",
         )
         need(
+            min(self.max_choices, self.max_waiting_requests) >= 1 and self.max_waiting_tokens >= 0,
+            "--max-choices / --max-waiting-requests must be >= 1, --max-waiting-tokens >= 0",
+        )
+        need(
+            self.request_timeout >= 0 and self.stall_timeout > 0,
+            "--request-timeout must be >= 0 and --stall-timeout > 0",
+        )
+        need(
             self.log_level in ("debug", "info", "warning", "error"),
             f"--log-level must be debug, info, warning or error, got {self.log_level!r}",
         )
+
+    def __repr__(self) -> str:  # the API key never reaches a log
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        return f"ServerArgs({shown | {'api_key': '***' if self.api_key else None}})"
 
     @property
     def resolved_device(self) -> str:
@@ -142,10 +162,21 @@ _HELP = {
     "(default: the --model argument as given)",
     "api_key": "require 'Authorization: Bearer KEY' on every /v1 route and /generate "
     "(/health and /metrics stay open)",
+    "api_key_file": "read the API key from this file's first line (or set MINISGL_API_KEY): "
+    "unlike --api-key, not visible in ps",
+    "allowed_hosts": "comma-separated Host header names accepted, or '*' (default: loopback "
+    "names when bound to loopback, else any)",
+    "allowed_origins": "comma-separated Origin values accepted from browsers, or '*' (default: "
+    "origins whose host is an allowed host)",
     "num_tokenizer": "number of tokenizer worker processes",
     "log_level": "debug, info, warning or error",
     "max_request_bytes": "largest accepted request body, in bytes",
     "max_n": "largest accepted n (choices per request)",
+    "max_choices": "largest prompts x n in one request (400 beyond)",
+    "max_waiting_requests": "choices without a first token yet, server-wide (429 beyond)",
+    "max_waiting_tokens": "prompt tokens waiting in the scheduler (429 beyond; 0 = no limit)",
+    "request_timeout": "seconds after which a request ends with a 504 error (0 = never)",
+    "stall_timeout": "seconds a client may read nothing of its response before it is aborted",
     "temperature": "sampling temperature of the answers",
     "max_tokens": "max new tokens per answer; 0 = a quarter of the context, at most 512",
 }
@@ -154,8 +185,10 @@ _GROUPS = {  # --help sections, in this order; every flag is in one
     "engine": ["device", "tp", "nnodes", "node_rank", "dist_init_addr", "cache", "max_prefill_length", "page_size", "attn",
                "cuda_graph_max_bs", "max_running_requests", "memory_ratio", "num_pages",
                "max_seq_len"],
-    "HTTP server": ["host", "port", "api_key", "num_tokenizer", "log_level",
-                    "max_request_bytes", "max_n"],
+    "HTTP server": ["host", "port", "api_key", "api_key_file", "allowed_hosts", "allowed_origins",
+                    "num_tokenizer", "log_level", "max_request_bytes", "max_n", "max_choices",
+                    "max_waiting_requests", "max_waiting_tokens", "request_timeout",
+                    "stall_timeout"],
     "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
 }  # fmt: skip
 ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py checks the list)
@@ -167,6 +200,7 @@ ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py ch
     "MINISGL_FI_DECODE_BACKEND": "that decode kernel's FlashInfer backend (default: fa2)",
     "MINISGL_DEBUG_POISON=1": "debug: NaN-filled KV pool and sentinels (docs/correctness.md)",
     "MINISGL_QK_HEADS, MINISGL_QK_WARPS": "heads, warps per program of the q/k-norm+RoPE kernel",
+    "MINISGL_API_KEY": "the API key, when neither --api-key nor --api-key-file is given",
 }
 
 
@@ -204,7 +238,16 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
+        if ns.api_key_file:  # never on the command line (ps) nor in a log
+            if ns.api_key:
+                parser.error("give --api-key or --api-key-file, not both")
+            with open(ns.api_key_file) as f:
+                ns.api_key = f.readline().strip() or parser.error("--api-key-file is empty")
+        ns.api_key = ns.api_key or os.environ.get("MINISGL_API_KEY") or None
         return ServerArgs(**vars(ns))
+    except OSError as e:
+        parser.error(f"--api-key-file: {e.strerror}: {ns.api_key_file}")
+        raise
     except ValueError as e:
         parser.error(str(e))
         raise

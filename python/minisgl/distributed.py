@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +41,14 @@ def init_distributed(rank: int, size: int, device: str, port: int, host: str = "
     if size == 1:
         return
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=rank, world_size=size)
+    init: dict = {"init_method": f"tcp://{host}:{port}"}
+    if host.startswith("127."):  # one node: all of it on loopback (torch's TCPStore listens on
+        # every interface unless handed a socket; gloo / NCCL pick theirs from the host name)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        fd = socket.create_server((host, port)).detach() if rank == 0 else None
+        init = {"store": dist.TCPStore(host, port, size, rank == 0, master_listen_fd=fd)}
+    dist.init_process_group(backend, rank=rank, world_size=size, **init)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

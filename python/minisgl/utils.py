@@ -5,15 +5,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 
 import torch
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies, so no worker is orphaned."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies, so no worker is orphaned."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -26,8 +27,18 @@ def setup_logging(level: str, name: str) -> None:
     )
 
 
-def exit_on_sigterm() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+def exit_on_sigterm(socket_dir: str | None = None) -> None:
+    """Exit at once on SIGTERM. If the parent is gone by then (a SIGKILLed launcher cannot clean
+    up), first remove `socket_dir`: workers whose loops never block in C get SIGTERM as their
+    parent-death signal for this, schedulers keep SIGKILL (a collective would never return)."""
+    parent = os.getppid()
+
+    def bye(*_: object) -> None:
+        if socket_dir and os.getppid() != parent:
+            shutil.rmtree(socket_dir, ignore_errors=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, bye)
 
 
 def h2d(t: torch.Tensor, device: str) -> torch.Tensor:

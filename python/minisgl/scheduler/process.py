@@ -16,7 +16,7 @@ from ..args import ServerArgs
 from ..core import SamplingParams
 from ..distributed import init_distributed
 from ..engine.engine import Engine
-from ..messages import AbortReq, ErrorOut, Message, Ready, Shutdown, Stats, UserReq, decode, encode
+from ..messages import AbortReq, ErrorOut, Inbox, Message, Ready, Shutdown, Stats, UserReq, encode
 from ..utils import die_with_parent, exit_on_sigterm, setup_logging
 from .scheduler import Scheduler
 
@@ -96,6 +96,8 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     log.info("scheduler rank %d ready", rank)
     early_aborts: dict[int, float] = {}
     next_stats = 0.0
+    inbox = Inbox(f"scheduler{rank}", UserReq, AbortReq, Shutdown, messages.FlushCache)
+    cap = args.max_waiting_tokens
     while True:
         raw: list[bytes] = []
         if primary:
@@ -113,7 +115,7 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                 log.error("rank %d lost the TP group (a rank stopped or died): %s", rank, e)
                 raise SystemExit(1) from None
         for data in raw:
-            msg = decode(data)
+            msg = inbox.decode(data)
             if isinstance(msg, Shutdown):
                 log.info("scheduler rank %d shutting down", rank)
                 return
@@ -127,6 +129,11 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                     early_aborts[msg.uid] = time.monotonic()
             elif isinstance(msg, UserReq):
                 if early_aborts.pop(msg.uid, None) is not None:
+                    continue
+                n = len(msg.input_ids)
+                if cap and sched.waiting_tokens + n > cap:  # 400: this prompt alone is too long
+                    why = f"{sched.waiting_tokens} prompt tokens are waiting (--max-waiting-tokens {cap})"
+                    emit(ErrorOut(msg.uid, f"the server is busy: {why}", 429 if n <= cap else 400))
                     continue
                 try:
                     err = sched.add(msg.uid, msg.input_ids, SamplingParams(**msg.params))

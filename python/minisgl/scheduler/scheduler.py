@@ -36,6 +36,7 @@ class Scheduler:
         self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
         self.chunked: Req | None = None
         self.reqs: dict[int, Req] = {}
+        self.waiting_tokens = 0  # sum of len(token_ids) over `waiting` (admission control)
         self.last: StepOutput | None = None
         self.last_was_prefill = False
         self.eos = set(engine.cfg.eos_token_ids)
@@ -69,6 +70,7 @@ class Scheduler:
             req = Req(uid, list(input_ids), params)
             self.reqs[uid] = req
             self.waiting.append(req)
+            self.waiting_tokens += len(req.token_ids)
         return err
 
     def abort(self, uid: int) -> bool:
@@ -139,6 +141,7 @@ class Scheduler:
             if not self.mem.admit(req, budget, reserve=len(self.running)):
                 break
             self.waiting.popleft()
+            self.waiting_tokens -= len(req.token_ids)
             self.running.append(req)
             if req.prompt_cached < 0:
                 req.prompt_cached = min(req.cache_hit, req.prompt_len)
@@ -192,6 +195,7 @@ class Scheduler:
         self.running.remove(req)
         self.mem.release(req)
         self.waiting.appendleft(req)
+        self.waiting_tokens += len(req.token_ids)
 
     def warmup(self) -> float:
         """Run every path a request can take once before serving (prefill with and without a
@@ -285,6 +289,7 @@ class Scheduler:
             self.mem.release(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+            self.waiting_tokens -= len(req.token_ids)
         if self.chunked is req:
             self.chunked = None
         del self.reqs[req.uid]

@@ -1,4 +1,8 @@
-"""FastAPI app: OpenAI-compatible routes, native /generate, /health, /metrics."""
+"""FastAPI app: OpenAI-compatible routes, native /generate, /health, /metrics.
+
+Every error, including those of the HTTP layer itself (unknown route or method, unparsable
+HTTP, Host / Origin / Content-Type refusals), has the OpenAI shape {"error": {...}}.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +13,18 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
+import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minisgl.args import ServerArgs
+from minisgl.messages import STALL_S
 
 from . import router_api
 from .bridge import Bridge
@@ -42,8 +50,34 @@ KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": "1", **(headers or {})} if status == 429 else headers
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
+
+
+class JsonErrorsH11(H11Protocol):
+    """uvicorn's h11 protocol, whose own 400 for unparsable HTTP is JSON here too."""
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(error_body(400, f"invalid HTTP request: {msg}")).encode()
+        head = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=head), h11.Data(data=body)):
+            self.transport.write(self.conn.send(event))
+        self.transport.write(self.conn.send(h11.EndOfMessage()))
+        self.transport.close()
+
+
+class _Stalled(BaseException):
+    """A send to a client that read nothing for --stall-timeout s (a BaseException, so that
+    Starlette's handlers let it through to Guard, which drops the connection)."""
+
+
+def _host(value: str) -> str:
+    """'host[:port]' or '[v6]:port' -> the lowercase host, without brackets."""
+    v = value.strip().lower()
+    return v[1 : v.find("]")] if v.startswith("[") else v.rsplit(":", 1)[0]
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -64,11 +98,24 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
 
 
 class Guard:
-    """ASGI middleware: API key on /v1 and /generate, body size cap, HTTP metrics."""
+    """ASGI middleware: Host and Origin checks (DNS rebinding and cross-site requests against a
+    loopback server), API key on /v1 and /generate, JSON-only bodies (a browser sends text/plain
+    cross-site without asking), body size cap, a send timeout for clients that stop reading,
+    HTTP metrics."""
 
     def __init__(self, app: Any, args: ServerArgs, metrics: Metrics) -> None:
         self.app, self.args, self.metrics = app, args, metrics
         self.key = args.api_key.encode() if args.api_key else None
+        loopback = args.host in ("127.0.0.1", "localhost", "::1")
+        hosts = args.allowed_hosts or ("localhost,127.0.0.1,::1" if loopback else "*")
+        self.hosts = {_host(h) for h in hosts.split(",") if h.strip()}
+        origins = (args.allowed_origins or "").split(",")
+        self.origins = {o.strip().lower().rstrip("/") for o in origins if o.strip()}
+
+    def _origin_ok(self, origin: str) -> bool:
+        if self.origins:
+            return "*" in self.origins or origin.lower().rstrip("/") in self.origins
+        return "*" in self.hosts or (urlsplit(origin).hostname or "") in self.hosts
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -80,21 +127,39 @@ class Guard:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
-            await send(message)
+            try:
+                async with asyncio.timeout(self.args.stall_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _Stalled from None
 
         try:
             await self._call(scope, receive, send_wrapper, path)
+        except _Stalled:  # returning unfinished makes uvicorn close the connection
+            logger.warning(
+                "%s: the client read nothing for %g s: dropped", path, self.args.stall_timeout
+            )
         finally:
             self.metrics.http.labels(route, str(status_box[0])).inc()
 
     async def _call(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
         headers = dict(scope.get("headers") or [])
-        if self.key is not None and (path.startswith("/v1") or path in KEYED):
+        host = _host(headers.get(b"host", b"").decode("latin-1"))
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        refusal = None
+        if "*" not in self.hosts and host not in self.hosts:
+            refusal = error_response(400, f"Host {host!r} is not allowed (--allowed-hosts)")
+        elif origin and not self._origin_ok(origin):
+            refusal = error_response(403, f"Origin {origin!r} is not allowed (--allowed-origins)")
+        elif self.key is not None and (path.startswith("/v1") or path in KEYED):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                resp = error_response(401, "missing or invalid API key (Authorization: Bearer KEY)")
-                return await resp(scope, receive, send)
+                refusal = error_response(
+                    401, "missing or invalid API key (Authorization: Bearer KEY)"
+                )
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         limit = self.args.max_request_bytes
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
@@ -105,6 +170,12 @@ class Guard:
             return await too_big(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if ctype != b"application/json" and not ctype.endswith(b"+json"):
+            resp = error_response(
+                415, "the request body must be JSON (Content-Type: application/json)"
+            )
+            return await resp(scope, receive, send)
         chunks, size = [], 0
         while True:
             msg = await receive()
@@ -153,8 +224,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        msg = f"no route {request.url.path}" if e.status_code == 404 else str(e.detail)
-        return error_response(e.status_code, msg)
+        msg = {404: f"no route {request.url.path}",
+               405: f"method {request.method} is not allowed on {request.url.path}"}  # fmt: skip
+        return error_response(e.status_code, msg.get(e.status_code, str(e.detail)), None, e.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception) -> JSONResponse:
@@ -207,32 +279,27 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     async def respond(
         gen: Generation, request: Request, stream_body: Any, full_body: Any
     ) -> Response:
-        await gen.start()
-        if stream_body is not None:
-            return StreamingResponse(
-                stream_body, media_type="text/event-stream", headers=SSE_HEADERS
-            )
-        # non-streaming: run to the end unless the client hangs up first
-        work = asyncio.ensure_future(gen.collect())
+        # a client that leaves while queued or in prefill is noticed at once, not at its first
+        # token: its requests leave the scheduler's queue before they cost anything
         hangup = asyncio.ensure_future(_wait_disconnect(request))
         try:
-            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            await _unless_hangup(gen, gen.start(), hangup)
+            if stream_body is not None:
+                return _Stream(stream_body, gen.abort)
+            await _unless_hangup(gen, gen.collect(), hangup)
         finally:
             hangup.cancel()
-            if not work.done():
-                work.cancel()  # client gone (or we were cancelled): abort in the scheduler
-                gen.abort()
-        if not work.done() or work.cancelled():
-            raise ApiError(499, "client disconnected")
-        work.result()  # raises the ApiError of a failed request
         return JSONResponse(full_body())
 
     @app.get("/health")
     async def health() -> Response:
-        if bridge.is_ready:
+        stalled = bridge.stalled()
+        if bridge.is_ready and not stalled:
             return JSONResponse({"status": "ok"})
         if bridge.dead is not None:
             return error_response(503, f"unhealthy: {bridge.dead}")
+        if stalled:
+            return error_response(503, f"unhealthy: {', '.join(stalled)} silent for {STALL_S:g} s")
         missing = sorted(bridge.expected - bridge.ready)
         return error_response(503, f"starting: waiting for {', '.join(missing)}")
 
@@ -345,6 +412,35 @@ class _NativeView:
 async def _wait_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _unless_hangup(gen: Generation, work: Any, hangup: asyncio.Future) -> None:
+    """Run `work` unless the client hangs up first (then abort and answer 499)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()  # client gone (or we were cancelled): abort in the scheduler
+            gen.abort()
+    if not task.done() or task.cancelled():
+        raise ApiError(499, "client disconnected")
+    task.result()  # raises the ApiError of a failed request
+
+
+class _Stream(StreamingResponse):
+    """SSE response that aborts its generation however it ends, even when the client left
+    before the first chunk (then the body iterator never starts, so its `finally` never runs)."""
+
+    def __init__(self, body: Any, on_close: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.on_close = on_close
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _usage(req: Any) -> bool:

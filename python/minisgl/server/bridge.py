@@ -7,6 +7,11 @@ Sockets (all ipc, in the launcher's private directory):
   tokenizer-i  PUSH, one per tokenizer worker (round-robin; an abort follows its request's
              worker so it reaches the scheduler after the request itself)
   detokenizer  PUSH: AbortReq, so the detokenizer frees its state at once
+
+Liveness: the scheduler's Stats (every 0.5 s) and the other workers' Heartbeats stamp `beats`;
+a worker silent for STALL_S is reported by `stalled()` (/health answers 503). A client that
+takes nothing from its Results for --stall-timeout s while output waits (or lets more than
+MAX_PENDING messages pile up) is cut off: its engine requests are aborted and its buffer freed.
 """
 
 from __future__ import annotations
@@ -22,20 +27,35 @@ import zmq.asyncio
 
 from minisgl.args import ServerArgs
 from minisgl.messages import (
+    STALL_S,
     AbortReq,
     ErrorOut,
     FlushCache,
+    Heartbeat,
+    Inbox,
     Ready,
     Stats,
     TextOut,
     TokenizeReq,
-    decode,
     encode,
 )
 
 from .metrics import Metrics
 
 logger = logging.getLogger("minisgl.server")
+MAX_PENDING = 1024  # undelivered messages of one HTTP request
+
+
+class Results(asyncio.Queue):
+    """(choice index, TextOut | ErrorOut) of one HTTP request; remembers when it was last read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_get = time.monotonic()
+
+    def get_nowait(self) -> Any:
+        self.last_get = time.monotonic()
+        return super().get_nowait()
 
 
 @dataclass(eq=False)
@@ -44,7 +64,7 @@ class ReqHandle:
 
     uid: int
     index: int  # choice index inside its HTTP request
-    queue: asyncio.Queue  # shared by the choices of one HTTP request: (index, TextOut|ErrorOut)
+    queue: Results  # shared by the choices of one HTTP request
     worker: int
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = 0.0
@@ -68,6 +88,8 @@ class Bridge:
         self.on_ready: list[Any] = []
         self._tasks: list[asyncio.Task] = []
         self._flush: asyncio.Future | None = None
+        self.beats: dict[str, float] = {}  # worker -> last sign of life (monotonic)
+        self.queued = 0  # admitted choices without output yet (generation.py)
 
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,29 +135,36 @@ class Bridge:
     def vocab_size(self) -> int:
         return int(self.info.get("vocab_size", 0))
 
+    def stalled(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(name for name, t in self.beats.items() if now - t > STALL_S)
+
     async def _ready_loop(self) -> None:
+        inbox = Inbox("api", Ready)
         while True:
-            msg = decode(await self.ready_pull.recv())
-            if not isinstance(msg, Ready):
-                continue
-            name = "scheduler0" if msg.name == "scheduler" else msg.name
-            logger.info("worker ready: %s", name)
-            if name == "scheduler0":
-                self.info = dict(msg.info)
-                config = encode(Ready("config", self.info))
-                for s in self.tok_push:  # tokenizers validate lengths/ids with these
-                    s.send(config)
-            elif name.startswith("tokenizer-"):
-                self.tokenizer_info = dict(msg.info)
-            self.ready.add(name)
-            if self.is_ready:
-                for cb in self.on_ready:
-                    cb()
+            inbox.dispatch(await self.ready_pull.recv(), self._on_ready)
+
+    def _on_ready(self, msg: Ready) -> None:
+        name = "scheduler0" if msg.name == "scheduler" else msg.name
+        logger.info("worker ready: %s", name)
+        if name == "scheduler0":
+            self.info = dict(msg.info)
+            config = encode(Ready("config", self.info))
+            for s in self.tok_push:  # tokenizers validate lengths/ids with these
+                s.send(config)
+        elif name.startswith("tokenizer-"):
+            self.tokenizer_info = dict(msg.info)
+        if not name.startswith("scheduler") or name == "scheduler0":  # rank 0 speaks for all
+            self.beats[name] = time.monotonic()
+        self.ready.add(name)
+        if self.is_ready:
+            for cb in self.on_ready:
+                cb()
 
     # ---- requests -----------------------------------------------------------------------
     def submit(
         self,
-        queue: asyncio.Queue,
+        queue: Results,
         index: int,
         prompt: str | list[int],
         params: dict[str, Any],
@@ -183,41 +212,58 @@ class Bridge:
             self.sched_push.send(encode(FlushCache()))
         return await asyncio.wait_for(asyncio.shield(self._flush), timeout)
 
+    def _cut_off(self, h: ReqHandle) -> None:
+        """The client stopped reading: abort its requests and free what waits for it."""
+        q = h.queue
+        logger.warning("request %d: the client stopped reading; aborting it", h.uid)
+        while not q.empty():
+            q.get_nowait()
+        for other in [x for x in self.reqs.values() if x.queue is q]:
+            self.abort(other)
+        q.put_nowait((h.index, ErrorOut(h.uid, "the client stopped reading the response", 408)))
+
     async def _recv_loop(self) -> None:
-        m = self.metrics
+        inbox = Inbox("api", TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
         while True:
-            frames = await self.pull.recv()
-            try:
-                msg = decode(frames)
-            except Exception as e:
-                logger.error("undecodable message dropped: %s", e)
-                continue
-            if isinstance(msg, TextOut):
-                h = self.reqs.get(msg.uid)
-                if h is None:
-                    continue  # aborted or failed already
-                now = time.perf_counter()
-                if h.num_tokens == 0:
-                    m.ttft.observe(now - h.t_start)
-                    m.prompt_tokens.inc(max(msg.prompt_len, 0))
-                else:
-                    m.itl.observe((now - h.t_last) / max(len(msg.token_ids), 1))
-                h.t_last = now
-                h.num_tokens += len(msg.token_ids)
-                m.generation_tokens.inc(len(msg.token_ids))
-                if msg.finished is not None:
-                    del self.reqs[msg.uid]
-                    m.running.dec()
-                    m.finished.labels(msg.finished).inc()
-                    m.e2e.observe(now - h.t_start)
+            inbox.dispatch(await self.pull.recv(), self._on_result)
+
+    def _on_result(self, msg: Any) -> None:
+        m = self.metrics
+        if isinstance(msg, TextOut):
+            h = self.reqs.get(msg.uid)
+            if h is None:
+                return  # aborted or failed already
+            now = time.perf_counter()
+            n = h.queue.qsize()
+            if n and (
+                n > MAX_PENDING or time.monotonic() - h.queue.last_get > self.args.stall_timeout
+            ):
+                return self._cut_off(h)
+            if h.num_tokens == 0:
+                m.ttft.observe(now - h.t_start)
+                m.prompt_tokens.inc(max(msg.prompt_len, 0))
+            else:
+                m.itl.observe((now - h.t_last) / max(len(msg.token_ids), 1))
+            h.t_last = now
+            h.num_tokens += len(msg.token_ids)
+            m.generation_tokens.inc(len(msg.token_ids))
+            if msg.finished is not None:
+                del self.reqs[msg.uid]
+                m.running.dec()
+                m.finished.labels(msg.finished).inc()
+                m.e2e.observe(now - h.t_start)
+            h.queue.put_nowait((h.index, msg))
+        elif isinstance(msg, ErrorOut):
+            h = self.reqs.pop(msg.uid, None)
+            if h is not None:
+                m.running.dec()
+                m.finished.labels("error").inc()
                 h.queue.put_nowait((h.index, msg))
-            elif isinstance(msg, ErrorOut):
-                h = self.reqs.pop(msg.uid, None)
-                if h is not None:
-                    m.running.dec()
-                    m.finished.labels("error").inc()
-                    h.queue.put_nowait((h.index, msg))
-            elif isinstance(msg, Stats):
-                m.engine.update(msg.values)
-            elif isinstance(msg, FlushCache) and self._flush and not self._flush.done():
+        elif isinstance(msg, Stats):
+            self.beats["scheduler0"] = time.monotonic()
+            m.engine.update(msg.values)
+        elif isinstance(msg, FlushCache):
+            if self._flush and not self._flush.done():
                 self._flush.set_result(msg)
+        elif msg.name in self.beats:  # Heartbeat
+            self.beats[msg.name] = time.monotonic()

@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from minisgl.messages import AbortReq, ErrorOut, TextOut, TokenOut, decode, encode
+from minisgl.messages import AbortReq, ErrorOut, FlushCache, Inbox, Stats, TextOut, TokenOut, encode
 
 logger = logging.getLogger("minisgl.detokenizer")
 
@@ -218,14 +218,9 @@ def run_detokenizer(args: Any) -> None:
     ready = ctx.socket(zmq.PUSH)
     ready.connect(f"ipc://{args.zmq_dir}/launcher")
     ready.send(encode(Ready("detokenizer", {"has_tokenizer": tokenizer is not None})))
-    while True:
-        if not pull.poll(200):  # wake up now and then so a SIGTERM handler can run
-            continue
-        data = pull.recv()
-        try:
-            msg = decode(data)
-        except Exception as e:
-            logger.error("detokenizer: undecodable message dropped: %s", e)
-            continue
+
+    def handle(msg: Any) -> None:
         for out in detok.handle(msg):
             push.send(encode(out))
+
+    Inbox("detokenizer", TokenOut, AbortReq, ErrorOut, Stats, FlushCache).serve(pull, handle, push)

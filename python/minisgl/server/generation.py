@@ -1,15 +1,30 @@
-"""One HTTP request's engine requests (n choices x prompts): stop strings, streaming, aborts."""
+"""One HTTP request's engine requests (n choices x prompts): admission, fair submission, stop
+strings, streaming, timeouts and aborts.
+
+Admission: a request over --max-choices, or more choices without output yet in the whole server
+than --max-waiting-requests, is refused before anything is submitted (400 / 429). Fairness: at
+most `window` (a quarter of --max-running-requests) choices of one request are in the engine at
+once, the next one goes in when one finishes, so one big request cannot fill the running batch
+and a small request beside it starts at once. The first window goes out choice-major (choice 0
+of every prompt first), so a bad prompt is usually an HTTP error rather than a broken stream.
+
+Stop strings are matched incrementally (one KMP automaton per stop string, fed only the new
+characters), so each token costs O(new chars x stop strings) however long the text or the stops.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from minisgl.messages import ErrorOut, TextOut
 
-from .bridge import Bridge, ReqHandle
+from .bridge import Bridge, ReqHandle, Results
 
 
 class ApiError(Exception):
@@ -18,13 +33,56 @@ class ApiError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+@lru_cache(maxsize=1024)
+def _failure(s: str) -> tuple[int, ...]:
+    """KMP failure function: f[i] = length of the longest proper border of s[: i + 1]."""
+    f, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = f[k - 1]
+        k += s[i] == s[k]
+        f[i] = k
+    return tuple(f)
+
+
+class StopMatcher:
+    """`states[j]`: length of the longest prefix of stop j that the text ends with."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.fail = stops, [_failure(s) for s in stops]
+        self.states = [0] * len(stops)
+
+    def feed(self, new: str, base: int) -> int:
+        """Advance over `new` (at offset `base` of the text); return where the earliest stop
+        string completed in it starts, or -1."""
+        hit = -1
+        for j, (s, f) in enumerate(zip(self.stops, self.fail)):
+            k = self.states[j]
+            for pos, ch in enumerate(new):
+                while k and s[k] != ch:
+                    k = f[k - 1]
+                if s[k] == ch:
+                    k += 1
+                    if k == len(s):
+                        start = base + pos + 1 - k
+                        hit = start if hit < 0 else min(hit, start)
+                        break
+            self.states[j] = k
+        return hit
+
+    @property
+    def holdback(self) -> int:
+        """Length of the longest tail of the text that could still grow into a stop string."""
+        return max(self.states, default=0)
+
+
 @dataclass
 class Choice:
     """Output state of one engine request; `text` is already trimmed at a stop string."""
 
     index: int
     prompt_index: int
-    stops: list[str]
+    stop: StopMatcher
     text: str = ""
     sent: int = 0  # chars of `text` already handed out
     token_ids: list[int] = field(default_factory=list)
@@ -32,7 +90,6 @@ class Choice:
     finish_reason: str | None = None
     prompt_len: int = 0
     cached: int = 0
-    _search_from: int = 0
 
     def feed(self, msg: TextOut) -> tuple[str, list[Any]]:
         """Take one TextOut; return (text delta safe to emit now, new logprob entries)."""
@@ -40,36 +97,19 @@ class Choice:
         new_lps = [lp for lp in msg.logprobs if lp is not None]
         self.logprobs += new_lps
         self.prompt_len, self.cached = msg.prompt_len, msg.cached
+        base = len(self.text)
         self.text += msg.text
         done = msg.finished is not None
-        if self.stops:
-            hit = -1
-            for s in self.stops:
-                i = self.text.find(s, self._search_from)
-                if i >= 0 and (hit < 0 or i < hit):
-                    hit = i
-            if hit >= 0:
-                self.text = self.text[:hit]
-                self.finish_reason, done = "stop", True
-            else:
-                longest = max(len(s) for s in self.stops)
-                self._search_from = max(0, len(self.text) - longest + 1)
+        hit = self.stop.feed(msg.text, base) if self.stop.stops else -1
+        if hit >= 0:
+            self.text = self.text[:hit]
+            self.finish_reason, done = "stop", True
         if msg.finished is not None and self.finish_reason is None:
             self.finish_reason = msg.finished
-        end = len(self.text) if done else len(self.text) - self._holdback()
+        end = len(self.text) if done else len(self.text) - self.stop.holdback
         delta = self.text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
         return delta, new_lps
-
-    def _holdback(self) -> int:
-        """Length of the longest tail of `text` that could still grow into a stop string."""
-        best = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
 
     @property
     def done(self) -> bool:
@@ -85,35 +125,87 @@ class Event:
 
 
 class Generation:
-    """Submits every choice, waits until each has answered once (so an input error becomes
-    an HTTP error, not a broken stream), then yields events until all choices finish."""
+    """Admits and submits every choice (see the module docstring), waits until each submitted
+    choice has answered once (so an input error becomes an HTTP error, not a broken stream),
+    then yields events until all choices finish."""
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.handles: list[ReqHandle] = []
+        self.queue = Results()
+        self.handles: list[ReqHandle | None] = []
         self.choices: list[Choice] = []
-        self._buffer: list[tuple[int, Any]] = []
+        self._specs: list[tuple[str | list[int], dict, bool]] = []
+        self._todo: deque[int] = deque()  # choices not submitted yet, in submission order
+        self._unstarted: set[int] = set()  # admitted choices without output (server-wide cap)
+        self._active = 0
+        self._buffer: deque[tuple[int, Any]] = deque()
+        a = bridge.args
+        self.window = max(1, a.max_running_requests // 4)
+        self.timeout = a.request_timeout
+        self.deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
 
     def add(
         self, prompt_index: int, prompt: str | list[int], params: dict, stops: list[str], chat: bool
     ) -> None:
-        index = len(self.choices)
-        self.choices.append(Choice(index, prompt_index, list(stops or [])))
-        self.handles.append(self.bridge.submit(self.queue, index, prompt, params, chat))
+        self.choices.append(Choice(len(self.choices), prompt_index, StopMatcher(list(stops or []))))
+        self.handles.append(None)
+        self._specs.append((prompt, params, chat))
+
+    def _admit(self) -> None:
+        a, k, queued = self.bridge.args, len(self.choices), self.bridge.queued
+        cap = min(a.max_choices, a.max_waiting_requests)
+        if k > cap:
+            flag = "--max-choices" if cap == a.max_choices else "--max-waiting-requests"
+            raise ApiError(400, f"{k} choices (prompts x n) in one request; {flag} is {cap}", "n")
+        if queued + k > a.max_waiting_requests:
+            raise ApiError(429, f"the server is busy: {queued} choices are waiting for their "
+                           f"first token (--max-waiting-requests {a.max_waiting_requests})")  # fmt: skip
+        self.bridge.queued += k
+        self._unstarted = set(range(k))
+        rank: Counter = Counter()
+        order = []
+        for c in self.choices:  # choice-major: choice 0 of every prompt first
+            order.append((rank[c.prompt_index], c.prompt_index, c.index))
+            rank[c.prompt_index] += 1
+        self._todo = deque(i for *_, i in sorted(order))
+
+    def _submit(self) -> None:
+        while self._todo and self._active < self.window:
+            i = self._todo.popleft()
+            prompt, params, chat = self._specs[i]
+            self.handles[i] = self.bridge.submit(self.queue, i, prompt, params, chat)
+            self._active += 1
 
     async def start(self) -> None:
-        seen: set[int] = set()
         try:
-            while len(seen) < len(self.choices):
-                index, msg = await self.queue.get()
+            self._admit()
+            self._submit()
+            waiting = {i for i, h in enumerate(self.handles) if h is not None}
+            while waiting:
+                index, msg = await self._get()
                 if isinstance(msg, ErrorOut):
                     raise ApiError(msg.status, msg.message)
-                seen.add(index)
+                waiting.discard(index)
                 self._buffer.append((index, msg))
         except BaseException:
             self.abort()
             raise
+
+    async def _get(self) -> tuple[int, Any]:
+        if self.deadline is None:
+            index, msg = await self.queue.get()
+        else:
+            try:
+                left = self.deadline - time.monotonic()
+                index, msg = await asyncio.wait_for(self.queue.get(), left)
+            except TimeoutError:
+                raise ApiError(
+                    504, f"timed out after {self.timeout:g} s (--request-timeout)"
+                ) from None
+        if index in self._unstarted:
+            self._unstarted.discard(index)
+            self.bridge.queued -= 1
+        return index, msg
 
     def _process(self, index: int, msg: Any) -> Event | None:
         c = self.choices[index]
@@ -124,10 +216,12 @@ class Generation:
         delta, lps = c.feed(msg)
         if c.done:
             self.bridge.abort(self.handles[index])  # no-op unless a stop string hit
+            self._active -= 1
+            self._submit()
         return Event(c, delta, lps, c.done)
 
     async def _next(self) -> tuple[int, Any]:
-        return self._buffer.pop(0) if self._buffer else await self.queue.get()
+        return self._buffer.popleft() if self._buffer else await self._get()
 
     @property
     def finished(self) -> bool:
@@ -153,7 +247,11 @@ class Generation:
 
     def abort(self) -> None:
         for h in self.handles:
-            self.bridge.abort(h)
+            if h is not None:
+                self.bridge.abort(h)
+        self._todo.clear()
+        self.bridge.queued -= len(self._unstarted)
+        self._unstarted.clear()
 
     def usage(self) -> dict[str, Any]:
         """Prompt tokens counted once per prompt (its first choice), outputs summed."""

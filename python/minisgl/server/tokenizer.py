@@ -4,18 +4,23 @@ It renders chat templates, tokenizes, and rejects what the scheduler must never 
 outside the vocabulary and prompt + max_tokens beyond the context (ErrorOut 400 to the API).
 The context length and vocabulary size come from the scheduler's Ready message, which the API
 server forwards to every tokenizer worker as `Ready("config", info)` before it reports ready.
+
+A chat template is a program (the operator's `--chat-template` may loop forever): rendering runs
+under a SIGALRM timer, so after RENDER_TIMEOUT_S the request fails and the worker lives on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 from typing import Any
 
 from minisgl.core import SamplingParams
-from minisgl.messages import AbortReq, ErrorOut, Ready, TokenizeReq, UserReq, decode, encode
+from minisgl.messages import AbortReq, ErrorOut, Inbox, Ready, TokenizeReq, UserReq, encode
 
 logger = logging.getLogger("minisgl.tokenizer")
+RENDER_TIMEOUT_S = 2.0
 
 NO_TEMPLATE = (
     "this model has no chat template: start the server with --chat-template FILE "
@@ -32,8 +37,7 @@ class TokenizerWorker:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     def configure(self, info: dict[str, Any]) -> None:
-        self.max_seq_len = int(info["max_seq_len"])
-        self.vocab_size = int(info["vocab_size"])
+        self.max_seq_len, self.vocab_size = int(info["max_seq_len"]), int(info["vocab_size"])
         # a prompt longer than this many characters cannot fit: skip tokenizing huge texts
         longest = 16
         if self.tok is not None:
@@ -47,7 +51,7 @@ class TokenizerWorker:
         try:
             return self._handle(req)
         except _Reject as e:
-            return ErrorOut(req.uid, str(e), 400)
+            return ErrorOut(req.uid, str(e), e.status)
         except Exception as e:  # a template or tokenizer error is the request's fault
             logger.warning("request %d rejected: %r", req.uid, e)
             return ErrorOut(req.uid, f"could not tokenize the prompt: {e}", 400)
@@ -97,11 +101,17 @@ class TokenizerWorker:
             if not self.has_chat_template:
                 raise _Reject(NO_TEMPLATE)
             payload = json.loads(text)
-            text = self.tok.apply_chat_template(
-                payload["messages"],
-                tokenize=False,
-                add_generation_prompt=payload.get("add_generation_prompt", True),
-            )
+            signal.signal(signal.SIGALRM, _render_timeout)
+            # again every 0.5 s, in case the template swallows the first one
+            signal.setitimer(signal.ITIMER_REAL, RENDER_TIMEOUT_S, 0.5)
+            try:
+                text = self.tok.apply_chat_template(
+                    payload["messages"],
+                    tokenize=False,
+                    add_generation_prompt=payload.get("add_generation_prompt", True),
+                )
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
             add_special = False  # the template writes BOS itself when the model wants one
         if len(text) > self.max_chars:
             raise _Reject(
@@ -112,7 +122,13 @@ class TokenizerWorker:
 
 
 class _Reject(Exception):
-    pass
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _render_timeout(*_: Any) -> None:
+    raise _Reject(f"the chat template did not finish rendering in {RENDER_TIMEOUT_S:g} s", 500)
 
 
 def run_tokenizer(args: Any, index: int) -> None:
@@ -138,18 +154,14 @@ def run_tokenizer(args: Any, index: int) -> None:
     ready.connect(f"ipc://{d}/launcher")
     info = {"has_tokenizer": tokenizer is not None, "has_chat_template": worker.has_chat_template}
     ready.send(encode(Ready(f"tokenizer-{index}", info)))
-    while True:
-        if not pull.poll(200):  # wake up now and then so a SIGTERM handler can run
-            continue
-        try:
-            msg = decode(pull.recv())
-        except Exception as e:
-            logger.error("tokenizer: undecodable message dropped: %s", e)
-            continue
+
+    def handle(msg: Any) -> None:
         if isinstance(msg, TokenizeReq):
             out = worker.handle(msg)
             (sched if isinstance(out, UserReq) else api).send(encode(out))
         elif isinstance(msg, AbortReq):
             sched.send(encode(msg))  # same pipe as the request: never overtakes it
-        elif isinstance(msg, Ready) and msg.name == "config":
+        elif msg.name == "config" and not worker.vocab_size:  # Ready: once, from the API
             worker.configure(msg.info)
+
+    Inbox(f"tokenizer-{index}", TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
