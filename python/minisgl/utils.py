@@ -11,8 +11,16 @@ import signal
 import torch
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Ask Linux to send `sig` to this process when its parent dies, so no worker is orphaned."""
+def die_with_parent(socket_dir: str | None = None) -> None:
+    """Ask Linux to signal this process when its parent dies, so no worker is orphaned.
+
+    The signal is SIGKILL, or with `socket_dir` SIGHUP, whose handler first removes that
+    directory (a SIGKILLed launcher cannot): only for workers whose loops never block in C, as a
+    scheduler in a collective would never run a Python handler."""
+    sig = signal.SIGKILL
+    if socket_dir:
+        sig = signal.SIGHUP
+        signal.signal(sig, lambda *_: (shutil.rmtree(socket_dir, ignore_errors=True), os._exit(0)))
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
     except OSError:
@@ -27,18 +35,8 @@ def setup_logging(level: str, name: str) -> None:
     )
 
 
-def exit_on_sigterm(socket_dir: str | None = None) -> None:
-    """Exit at once on SIGTERM. If the parent is gone by then (a SIGKILLed launcher cannot clean
-    up), first remove `socket_dir`: workers whose loops never block in C get SIGTERM as their
-    parent-death signal for this, schedulers keep SIGKILL (a collective would never return)."""
-    parent = os.getppid()
-
-    def bye(*_: object) -> None:
-        if socket_dir and os.getppid() != parent:
-            shutil.rmtree(socket_dir, ignore_errors=True)
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, bye)
+def exit_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
 
 
 def h2d(t: torch.Tensor, device: str) -> torch.Tensor:

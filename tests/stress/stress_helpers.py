@@ -4,9 +4,11 @@ error-shape checks."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +60,17 @@ class Server:
                 return pid
         raise AssertionError(f"no worker named {name}: {[comm(p) for p in self.all_pids]}")
 
+    def socket_dir(self) -> Path:
+        """The private ZMQ socket directory (the launcher logs it at start)."""
+        m = re.search(r"sockets in (\S+)\)", self.log.read_text())
+        assert m, self.log.read_text()[-2000:]
+        return Path(m.group(1))
+
+    def rss_mb(self, pid: int | None = None) -> float:
+        """Resident memory of one process (default: the launcher, i.e. the API server)."""
+        with open(f"/proc/{pid or self.proc.pid}/status") as f:
+            return next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) / 1024
+
     def metrics(self) -> dict[str, float]:
         text = httpx.get(self.url + "/metrics", timeout=5).text
         out = {}
@@ -89,6 +102,34 @@ def start_server(tmp_path_factory, model: str, *flags: str, host: str | None = N
         s.stop()
         raise
     return s
+
+
+def http_raw(url: str, data: bytes, rcvbuf: int = 0) -> socket.socket:
+    """A raw TCP connection to the server of `url` that has sent `data` (and reads nothing)."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect((host, int(port)))
+    s.sendall(data)
+    return s
+
+
+def post_bytes(path: str, body: dict, extra: str = "") -> bytes:
+    raw = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    return (head + f"Content-Length: {len(raw)}\r\n{extra}\r\n").encode() + raw
+
+
+def read_all(s: socket.socket, timeout: float = 10.0) -> bytes:
+    s.settimeout(timeout)
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return out
 
 
 def busy_pages(m: dict[str, float]) -> float:

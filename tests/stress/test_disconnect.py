@@ -52,3 +52,27 @@ def test_100_dropped_streams(server):
         f"(running {m['minisgl_num_running_reqs']:.0f}, busy pages {busy_pages(m):.0f} = idle "
         f"{idle:.0f}, cached {m['minisgl_kv_pages_cached']:.0f}); {aborted}"
     )
+
+
+def test_200_clients_leave_before_first_token(server):
+    """200 clients send ~400-token prompts and hang up at once (issue 17 item 3): the API notices
+    while they are queued, so most prompts are never prefilled, and the server is idle soon."""
+    import random
+
+    from stress_helpers import http_raw, post_bytes
+
+    idle = busy_pages(server.metrics())
+    prefill0 = server.metrics()["minisgl_prefill_tokens_total"]
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(399)] for _ in range(200)]
+    for p in prompts:
+        s = http_raw(server.url, post_bytes("/v1/completions", {"prompt": p, "max_tokens": 16}))
+        s.close()
+    waited, m = wait_idle(server, idle, within=10)
+    assert m["minisgl_num_running_reqs"] == 0 and busy_pages(m) == idle, m
+    prefilled = m["minisgl_prefill_tokens_total"] - prefill0
+    assert prefilled < 0.5 * 200 * 400, prefilled
+    print(
+        f"\nEARLY DISCONNECT: 200 clients x 400-token prompts hung up at once: {prefilled:.0f} of "
+        f"80000 prompt tokens prefilled; idle {waited:.2f} s after the last one"
+    )

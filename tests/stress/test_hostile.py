@@ -5,13 +5,27 @@ server still serves a normal request afterwards. The server here runs with
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
+import re
+import time
 from collections import Counter
 
 import httpx
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stress_helpers import PROMPT, server, shaped_error  # noqa: F401 (fixture)
+from stress_helpers import (  # noqa: F401 (fixture)
+    PROMPT,
+    alive,
+    comm,
+    descendants,
+    http_raw,
+    read_all,
+    server,
+    shaped_error,
+)  # fmt: skip
 
 TIMEOUT = 20.0  # per request: a hang fails the test
 COMP, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"
@@ -205,3 +219,197 @@ def test_hostile_requests(server):
     print("  statuses: " + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())))
     for k, v in sorted(kinds.items()):
         print(f"  {k}: {v}")
+
+
+# ---- malformed frames on every internal socket (issue 17 item 1) -------------------------------
+def _random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(10 if depth < 3 else 8)
+    return [
+        lambda: rng.randint(-5, 5),
+        lambda: rng.choice([2**63, -(2**63), 2**64 - 1]),
+        lambda: rng.random() * 1e6,
+        lambda: "".join(rng.choice("ab\u00e9\u4e2d\x00") for _ in range(rng.randrange(6))),
+        lambda: rng.randbytes(rng.randrange(6)),
+        lambda: rng.choice([True, False]),
+        lambda: None,
+        lambda: rng.choice(["stop", "length", "config", "scheduler0"]),
+        lambda: [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))],
+        lambda: {
+            _random_value(rng, 3): _random_value(rng, depth + 1) for _ in range(rng.randrange(3))
+        },
+    ][kind]()
+
+
+def malformed_frames(n: int, seed: int) -> list[bytes]:
+    """Frames that the codec rejects (so never a real message): the issue's cases, garbage
+    bytes, and random [tag, values...] lists with every tag and random arity and types."""
+    from minisgl.messages import BadFrame, decode
+
+    rng = random.Random(seed)
+    frames = [msgpack.packb(x) for x in ([9, 5], [3, "x"], [3, 1.5], [4, [1], [1, 2], [None]],
+              [7, 5], [], [0], [99, 1], "x", 5, None, {"a": 1}, [True], [1], [6, 1, "m", True],
+              [2, 1, [1, "a"], {}], [2, 1, [1], {1: 2}], [4, [1], [1], [None], [[0.1]], [0, 0], []],
+              [11, 5], [7, "config", []], [9, {"a": "b"}])]  # fmt: skip
+    frames += [b"", b"\xc1", b"\xff" * 10, b"\x91" * 5000]
+    while len(frames) < n:
+        if rng.random() < 0.1:
+            frames.append(rng.randbytes(rng.randrange(1, 64)))
+            continue
+        tag = rng.randrange(0, 13)
+        frames.append(msgpack.packb([tag, *(_random_value(rng) for _ in range(rng.randrange(9)))]))
+    bad = []
+    for f in frames:
+        try:
+            decode(f)
+        except BadFrame:
+            bad.append(f)
+    return bad
+
+
+def test_malformed_frames_every_socket(server):
+    """Malformed frames (and well-formed ones where they do not belong) pushed into every ipc
+    socket of the running server: every worker lives on, logs the drops (rate-limited), /health
+    stays 200 beyond the heartbeat timeout, and a greedy request still gets the exact text."""
+    import zmq
+
+    from minisgl.messages import ErrorOut, Heartbeat, Ready, TextOut, TokenOut, encode
+
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        expected = c.post(COMP, json=body).json()["choices"][0]["text"]
+        pids = {p: comm(p) for p in descendants(server.proc.pid)}
+        log_before = server.log.read_text().count("bad frame")
+        misplaced = [encode(m) for m in (TokenOut([10**9], [1], [None]), Ready("config", {}),
+                     TextOut(10**9, "x", [1], None, [], 0, 1), ErrorOut(10**9, "x"),
+                     Ready("bogus"), Heartbeat("bogus"))]  # fmt: skip
+        ctx = zmq.Context()
+        names = sorted(p.name for p in server.socket_dir().iterdir())
+        assert set(names) >= {"api", "launcher", "scheduler", "detokenizer", "tokenizer-0"}, names
+        sent = 0
+        for i, name in enumerate(names):
+            push = ctx.socket(zmq.PUSH)
+            push.connect(f"ipc://{server.socket_dir() / name}")
+            for f in malformed_frames(300, seed=i) + misplaced:
+                push.send(f)
+                sent += 1
+            push.close(linger=5000)
+        ctx.term()
+        time.sleep(6)  # past the 5 s heartbeat timeout: a bogus worker name must not count
+        assert all(alive(p) for p in pids), {n: alive(p) for p, n in pids.items()}
+        assert c.get("/health").status_code == 200, c.get("/health").text
+        r = c.post(COMP, json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected, r.text
+    log = server.log.read_text()
+    drops = log.count("bad frame") - log_before
+    loops = {m.group(1) for m in re.finditer(r"WARNING (\S+): dropped \d+ bad frame", log)}
+    assert loops >= {"api", "launcher", "scheduler0", "detokenizer", "tokenizer-0"}, loops
+    assert drops <= 10 * len(loops), drops  # at most about one line a second per loop
+    print(f"\nFRAMES: {sent} frames into {len(names)} sockets {names}; all {len(pids)} workers "
+          f"alive, /health 200, exact greedy text; {drops} rate-limited log lines from {sorted(loops)}")  # fmt: skip
+
+
+# ---- errors of the HTTP layer itself (issue 17 item 12) ---------------------------------------
+def test_http_layer_errors_are_json(server):
+    """Unparsable HTTP (answered by uvicorn's parser), unknown routes and methods, a body over the
+    cap, a non-JSON content type and a foreign Host: every answer is an OpenAI-shaped JSON error."""
+    raw_cases = [b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\n\r\n",  # no Host
+                 b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                 b"GET /h\x00 HTTP/1.1\r\nHost: a\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\n",
+                 b"POST /v1/completions HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"]  # fmt: skip
+    statuses = Counter()
+    for data in raw_cases:
+        s = http_raw(server.url, data)
+        head, _, body = read_all(s).partition(b"\r\n\r\n")
+        s.close()
+        assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, head
+        if b"chunked" in head.lower():  # h11 chunks a body without a length
+            body = b"".join(body.split(b"\r\n")[1::2])
+        err = json.loads(body)["error"]
+        assert err["code"] == 400 and "invalid HTTP request" in err["message"], err
+        statuses["400 (unparsable HTTP)"] += 1
+    J = {"content-type": "application/json"}
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
+        for method, path, kw, status in [
+            ("GET", "/nope", {}, 404), ("POST", "/v1/nope", {"json": {}}, 404),
+            ("GET", COMP, {}, 405), ("DELETE", "/health", {}, 405), ("PUT", GEN, {"json": {}}, 405),
+            ("POST", COMP, {"content": b"x" * 2_000_000, "headers": J}, 413),
+            ("POST", COMP, {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}, 415),
+            ("POST", COMP, {"content": b'{"prompt": "a"}'}, 415),  # no content type
+            ("GET", "/health", {"headers": {"Host": "evil.example"}}, 400),
+        ]:  # fmt: skip
+            r = c.request(method, path, **kw)
+            assert r.status_code == status, (method, path, r.status_code, r.text)
+            assert r.headers["content-type"] == "application/json"
+            shaped_error(r)
+            if status == 405:
+                assert r.headers["allow"], r.headers
+            statuses[str(status)] += 1
+    print(f"\nHTTP ERRORS: all JSON: {dict(statuses)}")
+
+
+# ---- stop strings: linear-time matching off the event loop's critical path (item 17.6) --------
+def _naive_stop(text: str, stops: list[str]) -> tuple[int, int]:
+    """Reference: (start of the earliest stop string in text or -1, longest tail of text that is
+    a proper prefix of a stop string)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return (min(hits) if hits else -1), hold
+
+
+def test_stop_matcher_matches_reference():
+    from minisgl.server.generation import StopMatcher
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        stops = [
+            "".join(rng.choice("ab") for _ in range(rng.randint(1, 6)))
+            for _ in range(rng.randint(1, 4))
+        ]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 30)))
+        m, pos, hit = StopMatcher(stops), 0, -1
+        while pos < len(text) and hit < 0:  # fed in random chunks, as tokens arrive
+            new = text[pos : pos + rng.randint(1, 4)]
+            hit, pos = m.feed(new, pos), pos + len(new)
+        ref_hit, ref_hold = _naive_stop(text[:pos], stops)
+        assert hit == ref_hit, (stops, text[:pos])
+        if hit < 0:
+            assert m.holdback == ref_hold, (stops, text[:pos])
+    # the worst case of the old matcher (16 stop strings of 1,024 chars, text that keeps almost
+    # matching): time per 4-char token, printed, not asserted (benchmarks measure, tests check)
+    stops = ["a" * 1023 + chr(98 + i) for i in range(16)]
+    m, t0 = StopMatcher(stops), time.perf_counter()
+    for i in range(2000):
+        assert m.feed("aaaa", 4 * i) == -1
+    per_token = (time.perf_counter() - t0) / 2000
+    print(
+        f"\nSTOP MATCHER: 16 stops x 1024 chars, adversarial text: {per_token * 1e6:.0f} us/token/choice"
+    )
+
+
+def test_long_stop_strings_keep_the_loop_responsive(server):
+    """n=16 with 16 stop strings of 1,024 chars: the texts are exact and /health keeps answering
+    while it streams (a liveness bound, 10 s; the latency figures are printed)."""
+    stops = [("The end " * 200)[:1023] + chr(65 + i) for i in range(16)]
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "n": 16, "ignore_eos": True}
+
+    async def run(with_stops: bool) -> tuple[float, float, list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as ac:
+            t0, worst = time.monotonic(), 0.0
+            req = asyncio.create_task(
+                ac.post(COMP, json={**body, "stop": stops if with_stops else None})
+            )
+            while not req.done():
+                h0 = time.monotonic()
+                assert (await ac.get("/health", timeout=10)).status_code == 200
+                worst = max(worst, time.monotonic() - h0)
+                await asyncio.sleep(0.05)
+            r = await req
+            assert r.status_code == 200, r.text
+            return time.monotonic() - t0, worst, [c["text"] for c in r.json()["choices"]]
+
+    plain, plain_h, texts = asyncio.run(run(False))
+    stopped, stopped_h, texts2 = asyncio.run(run(True))
+    assert texts2 == texts and len(set(texts)) == 1
+    print(f"\nSTOP STRINGS: n=16 x 400 tokens: {plain:.2f} s without stop strings, {stopped:.2f} s "
+          f"with 16 x 1024-char ones; worst /health latency {plain_h * 1000:.0f} / {stopped_h * 1000:.0f} ms")  # fmt: skip

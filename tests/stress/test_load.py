@@ -73,3 +73,32 @@ def _rss_mb(pid: int) -> float:
         except (OSError, StopIteration):
             pass
     return total / 1024
+
+
+def test_big_request_beside_small(server):
+    """Issue 17 item 5 with the default limits: 256 prompts x n=16 is refused (400, over
+    --max-choices 256); 256 prompts x n=1 (64 tokens each) run in windows of 64 choices, so a
+    4-token request sent just after it is done long before it."""
+    body = {"prompt": [f"{PROMPTS[i % 5]} {i}" for i in range(256)], "max_tokens": 64,
+            "ignore_eos": True}  # fmt: skip
+
+    async def main():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as ac:
+            r = await ac.post("/v1/completions", json={**body, "n": 16})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+            t0 = time.monotonic()
+            big = asyncio.create_task(ac.post("/v1/completions", json=body))
+            while not server.metrics().get("minisgl_num_running_reqs"):
+                await asyncio.sleep(0.02)
+            r = await ac.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4})
+            small = time.monotonic() - t0
+            assert r.status_code == 200 and not big.done()
+            rb = await big
+            assert rb.status_code == 200 and len(rb.json()["choices"]) == 256, rb.text[:300]
+            return small, time.monotonic() - t0
+
+    small, big = asyncio.run(main())
+    print(
+        f"\nBIG BESIDE SMALL: 256 x 16 choices -> 400; 4-token request beside 256 choices x 64 "
+        f"tokens done after {small:.2f} s (the big one after {big:.2f} s)"
+    )

@@ -10,6 +10,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -57,8 +58,17 @@ def error_response(
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
-class JsonErrorsH11(H11Protocol):
-    """uvicorn's h11 protocol, whose own 400 for unparsable HTTP is JSON here too."""
+class HttpProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a bounded kernel send buffer (autotuning lets a client that
+    reads nothing park megabytes there, so our sends would never block and --stall-timeout
+    never fire) and a JSON body on its own 400 for unparsable HTTP."""
+
+    def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        transport.set_write_buffer_limits(high=16 * 1024)
+        super().connection_made(transport)
 
     def send_400_response(self, msg: str) -> None:
         body = json.dumps(error_body(400, f"invalid HTTP request: {msg}")).encode()
@@ -77,7 +87,9 @@ class _Stalled(BaseException):
 def _host(value: str) -> str:
     """'host[:port]' or '[v6]:port' -> the lowercase host, without brackets."""
     v = value.strip().lower()
-    return v[1 : v.find("]")] if v.startswith("[") else v.rsplit(":", 1)[0]
+    if v.startswith("["):
+        return v[1 : v.find("]")]
+    return v if v.count(":") > 1 else v.rsplit(":", 1)[0]  # a bare IPv6 address has no port
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -283,6 +295,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         # token: its requests leave the scheduler's queue before they cost anything
         hangup = asyncio.ensure_future(_wait_disconnect(request))
         try:
+            await asyncio.sleep(0)  # let `hangup` see a client that is gone already
             await _unless_hangup(gen, gen.start(), hangup)
             if stream_body is not None:
                 return _Stream(stream_body, gen.abort)
@@ -416,6 +429,10 @@ async def _wait_disconnect(request: Request) -> None:
 
 async def _unless_hangup(gen: Generation, work: Any, hangup: asyncio.Future) -> None:
     """Run `work` unless the client hangs up first (then abort and answer 499)."""
+    if hangup.done():
+        work.close()
+        gen.abort()
+        raise ApiError(499, "client disconnected")
     task = asyncio.ensure_future(work)
     try:
         await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)

@@ -10,8 +10,9 @@ Sockets (all ipc, in the launcher's private directory):
 
 Liveness: the scheduler's Stats (every 0.5 s) and the other workers' Heartbeats stamp `beats`;
 a worker silent for STALL_S is reported by `stalled()` (/health answers 503). A client that
-takes nothing from its Results for --stall-timeout s while output waits (or lets more than
-MAX_PENDING messages pile up) is cut off: its engine requests are aborted and its buffer freed.
+takes nothing from its Results for --stall-timeout s while output waits is cut off: its engine
+requests are aborted and its buffer freed. (No cap on the count: the receive loop may put a
+burst of thousands before the reader runs.)
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from minisgl.messages import (
 from .metrics import Metrics
 
 logger = logging.getLogger("minisgl.server")
-MAX_PENDING = 1024  # undelivered messages of one HTTP request
 
 
 class Results(asyncio.Queue):
@@ -136,16 +136,23 @@ class Bridge:
         return int(self.info.get("vocab_size", 0))
 
     def stalled(self) -> list[str]:
-        now = time.monotonic()
-        return sorted(name for name, t in self.beats.items() if now - t > STALL_S)
+        now, beats = time.monotonic(), self.beats
+        late = {name for name, t in beats.items() if now - t > STALL_S}
+        # Stats travel through the detokenizer: a scheduler silent since the detokenizer's
+        # last heartbeat may well be fine, and the detokenizer the one stuck
+        if "scheduler0" in late and beats.get("detokenizer", 0) - beats["scheduler0"] < 1:
+            late = late - {"scheduler0"} | {"detokenizer"}
+        return sorted(late)
 
     async def _ready_loop(self) -> None:
-        inbox = Inbox("api", Ready)
+        inbox = Inbox("launcher", Ready)
         while True:
             inbox.dispatch(await self.ready_pull.recv(), self._on_ready)
 
     def _on_ready(self, msg: Ready) -> None:
         name = "scheduler0" if msg.name == "scheduler" else msg.name
+        if name not in self.expected:
+            return
         logger.info("worker ready: %s", name)
         if name == "scheduler0":
             self.info = dict(msg.info)
@@ -234,10 +241,7 @@ class Bridge:
             if h is None:
                 return  # aborted or failed already
             now = time.perf_counter()
-            n = h.queue.qsize()
-            if n and (
-                n > MAX_PENDING or time.monotonic() - h.queue.last_get > self.args.stall_timeout
-            ):
+            if h.queue.qsize() and time.monotonic() - h.queue.last_get > self.args.stall_timeout:
                 return self._cut_off(h)
             if h.num_tokens == 0:
                 m.ttft.observe(now - h.t_start)

@@ -51,8 +51,8 @@ def _child_main(kind: str, args: ServerArgs, index: int) -> None:
 
     short = {"scheduler": f"sched{index}", "detokenizer": "detok"}.get(kind, f"tok{index}")
     _set_process_name(f"minisgl:{short}")
-    die_with_parent(signal.SIGKILL if kind == "scheduler" else signal.SIGTERM)
-    exit_on_sigterm(None if kind == "scheduler" else args.zmq_dir)
+    die_with_parent(None if kind == "scheduler" else args.zmq_dir)
+    exit_on_sigterm()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops us
     if kind == "scheduler":
         from minisgl.scheduler.process import run_scheduler
@@ -192,7 +192,7 @@ def run_server(args: ServerArgs) -> int:
 
     from minisgl.utils import setup_logging
 
-    from .api_server import JsonErrorsH11, create_app
+    from .api_server import HttpProtocol, create_app
     from .bridge import Bridge
     from .metrics import Metrics
 
@@ -216,7 +216,7 @@ def run_server(args: ServerArgs) -> int:
 
     config = uvicorn.Config(
         app,
-        http=JsonErrorsH11,
+        http=HttpProtocol,
         host=args.host,
         port=args.port,
         # uvicorn's own startup lines ("Uvicorn running on ...") come before the workers are
