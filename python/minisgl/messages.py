@@ -203,14 +203,9 @@ def decode(data: bytes, accept: tuple[type, ...] = ()) -> Message:
         if not check(v):
             raise BadFrame(f"{cls.__name__}.{f.name} of the wrong type: {str(v)[:80]}")
     msg = cls(*values)
-    if isinstance(msg, TokenOut):
-        n = len(msg.uids)
-        rows = (msg.logprobs, msg.cached, msg.prompt_lens)
-        if (
-            len(msg.tokens) != n
-            or len(msg.finished) != n
-            or any(len(r) not in (0, n) for r in rows)
-        ):
+    if isinstance(msg, TokenOut):  # one entry per row (the optional lists may be empty)
+        n, rows = len(msg.uids), (msg.logprobs, msg.cached, msg.prompt_lens)
+        if {len(msg.tokens), len(msg.finished), *(len(r) or n for r in rows)} != {n}:
             raise BadFrame("TokenOut rows of different lengths")
     return msg
 

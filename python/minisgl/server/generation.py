@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -134,7 +134,7 @@ class Generation:
         self.queue = Results()
         self.handles: list[ReqHandle | None] = []
         self.choices: list[Choice] = []
-        self._specs: list[tuple[str | list[int], dict, bool]] = []
+        self._specs: list[tuple[tuple[int, int], str | list[int], dict, bool]] = []
         self._todo: deque[int] = deque()  # choices not submitted yet, in submission order
         self._unstarted: set[int] = set()  # admitted choices without output (server-wide cap)
         self._active = 0
@@ -147,9 +147,10 @@ class Generation:
     def add(
         self, prompt_index: int, prompt: str | list[int], params: dict, stops: list[str], chat: bool
     ) -> None:
+        rank = sum(c.prompt_index == prompt_index for c in self.choices)  # choice-major order
         self.choices.append(Choice(len(self.choices), prompt_index, StopMatcher(list(stops or []))))
         self.handles.append(None)
-        self._specs.append((prompt, params, chat))
+        self._specs.append(((rank, prompt_index), prompt, params, chat))
 
     def _admit(self) -> None:
         a, k, queued = self.bridge.args, len(self.choices), self.bridge.queued
@@ -162,17 +163,12 @@ class Generation:
                            f"first token (--max-waiting-requests {a.max_waiting_requests})")  # fmt: skip
         self.bridge.queued += k
         self._unstarted = set(range(k))
-        rank: Counter = Counter()
-        order = []
-        for c in self.choices:  # choice-major: choice 0 of every prompt first
-            order.append((rank[c.prompt_index], c.prompt_index, c.index))
-            rank[c.prompt_index] += 1
-        self._todo = deque(i for *_, i in sorted(order))
+        self._todo = deque(sorted(range(k), key=lambda i: self._specs[i][0]))
 
     def _submit(self) -> None:
         while self._todo and self._active < self.window:
             i = self._todo.popleft()
-            prompt, params, chat = self._specs[i]
+            _, prompt, params, chat = self._specs[i]
             self.handles[i] = self.bridge.submit(self.queue, i, prompt, params, chat)
             self._active += 1
 
@@ -192,16 +188,11 @@ class Generation:
             raise
 
     async def _get(self) -> tuple[int, Any]:
-        if self.deadline is None:
-            index, msg = await self.queue.get()
-        else:
-            try:
-                left = self.deadline - time.monotonic()
-                index, msg = await asyncio.wait_for(self.queue.get(), left)
-            except TimeoutError:
-                raise ApiError(
-                    504, f"timed out after {self.timeout:g} s (--request-timeout)"
-                ) from None
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        try:
+            index, msg = await asyncio.wait_for(self.queue.get(), left)
+        except TimeoutError:
+            raise ApiError(504, f"timed out after {self.timeout:g} s (--request-timeout)") from None
         if index in self._unstarted:
             self._unstarted.discard(index)
             self.bridge.queued -= 1
