@@ -10,25 +10,22 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
-import h11
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from minisgl.args import ServerArgs
 from minisgl.messages import STALL_S
 
 from . import router_api
 from .bridge import Bridge
+from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
@@ -48,7 +45,6 @@ ROUTES = (
     *router_api.ROUTES,
 )
 KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def error_response(
@@ -56,40 +52,6 @@ def error_response(
 ) -> JSONResponse:
     headers = {"Retry-After": "1", **(headers or {})} if status == 429 else headers
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
-
-
-class HttpProtocol(H11Protocol):
-    """uvicorn's h11 protocol with a bounded kernel send buffer (autotuning lets a client that
-    reads nothing park megabytes there, so our sends would never block and --stall-timeout
-    never fire) and a JSON body on its own 400 for unparsable HTTP."""
-
-    def connection_made(self, transport: Any) -> None:
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-        transport.set_write_buffer_limits(high=16 * 1024)
-        super().connection_made(transport)
-
-    def send_400_response(self, msg: str) -> None:
-        body = json.dumps(error_body(400, f"invalid HTTP request: {msg}")).encode()
-        head = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        for event in (h11.Response(status_code=400, headers=head), h11.Data(data=body)):
-            self.transport.write(self.conn.send(event))
-        self.transport.write(self.conn.send(h11.EndOfMessage()))
-        self.transport.close()
-
-
-class _Stalled(BaseException):
-    """A send to a client that read nothing for --stall-timeout s (a BaseException, so that
-    Starlette's handlers let it through to Guard, which drops the connection)."""
-
-
-def _host(value: str) -> str:
-    """'host[:port]' or '[v6]:port' -> the lowercase host, without brackets."""
-    v = value.strip().lower()
-    if v.startswith("["):
-        return v[1 : v.find("]")]
-    return v if v.count(":") > 1 else v.rsplit(":", 1)[0]  # a bare IPv6 address has no port
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
@@ -118,16 +80,7 @@ class Guard:
     def __init__(self, app: Any, args: ServerArgs, metrics: Metrics) -> None:
         self.app, self.args, self.metrics = app, args, metrics
         self.key = args.api_key.encode() if args.api_key else None
-        loopback = args.host in ("127.0.0.1", "localhost", "::1")
-        hosts = args.allowed_hosts or ("localhost,127.0.0.1,::1" if loopback else "*")
-        self.hosts = {_host(h) for h in hosts.split(",") if h.strip()}
-        origins = (args.allowed_origins or "").split(",")
-        self.origins = {o.strip().lower().rstrip("/") for o in origins if o.strip()}
-
-    def _origin_ok(self, origin: str) -> bool:
-        if self.origins:
-            return "*" in self.origins or origin.lower().rstrip("/") in self.origins
-        return "*" in self.hosts or (urlsplit(origin).hostname or "") in self.hosts
+        self.gate = Gate(args)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -143,11 +96,11 @@ class Guard:
                 async with asyncio.timeout(self.args.stall_timeout):
                     await send(message)
             except TimeoutError:
-                raise _Stalled from None
+                raise Stalled from None
 
         try:
             await self._call(scope, receive, send_wrapper, path)
-        except _Stalled:  # returning unfinished makes uvicorn close the connection
+        except Stalled:  # returning unfinished makes uvicorn close the connection
             logger.warning(
                 "%s: the client read nothing for %g s: dropped", path, self.args.stall_timeout
             )
@@ -156,13 +109,9 @@ class Guard:
 
     async def _call(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
         headers = dict(scope.get("headers") or [])
-        host = _host(headers.get(b"host", b"").decode("latin-1"))
-        origin = headers.get(b"origin", b"").decode("latin-1")
-        refusal = None
-        if "*" not in self.hosts and host not in self.hosts:
-            refusal = error_response(400, f"Host {host!r} is not allowed (--allowed-hosts)")
-        elif origin and not self._origin_ok(origin):
-            refusal = error_response(403, f"Origin {origin!r} is not allowed (--allowed-origins)")
+        refusal = self.gate.refusal(headers)
+        if refusal is not None:
+            refusal = error_response(*refusal)
         elif self.key is not None and (path.startswith("/v1") or path in KEYED):
             auth = headers.get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
@@ -294,13 +243,13 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     ) -> Response:
         # a client that leaves while queued or in prefill is noticed at once, not at its first
         # token: its requests leave the scheduler's queue before they cost anything
-        hangup = asyncio.ensure_future(_wait_disconnect(request))
+        hangup = asyncio.ensure_future(wait_disconnect(request))
         try:
             await asyncio.sleep(0)  # let `hangup` see a client that is gone already
-            await _unless_hangup(gen, gen.start(), hangup)
+            await until_hangup(gen, gen.start(), hangup)
             if stream_body is not None:
-                return _Stream(stream_body, gen.abort)
-            await _unless_hangup(gen, gen.collect(), hangup)
+                return Stream(stream_body, gen.abort)
+            await until_hangup(gen, gen.collect(), hangup)
         finally:
             hangup.cancel()
         return JSONResponse(full_body())
@@ -421,41 +370,6 @@ class _NativeView:
             raise ApiError(400, "seed and sampling_seed differ", "sampling_params.seed")
         self.ignore_eos, self.seed = sp.ignore_eos, sp.sampling_seed if sp.seed is None else sp.seed
         self.stop_token_ids = sp.stop_token_ids
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_hangup(gen: Generation, work: Any, hangup: asyncio.Future) -> None:
-    """Run `work` unless the client hangs up first (then abort and answer 499)."""
-    task = asyncio.ensure_future(work)
-    try:
-        if not hangup.done():  # else `work` must not even start
-            await asyncio.wait({task, hangup}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()  # client gone (or we were cancelled): abort in the scheduler
-            gen.abort()
-    if not task.done() or task.cancelled():
-        raise ApiError(499, "client disconnected")
-    task.result()  # raises the ApiError of a failed request
-
-
-class _Stream(StreamingResponse):
-    """SSE response that aborts its generation however it ends, even when the client left
-    before the first chunk (then the body iterator never starts, so its `finally` never runs)."""
-
-    def __init__(self, body: Any, on_close: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.on_close = on_close
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
 
 
 def _usage(req: Any) -> bool:

@@ -192,8 +192,9 @@ def run_server(args: ServerArgs) -> int:
 
     from minisgl.utils import setup_logging
 
-    from .api_server import HttpProtocol, create_app
+    from .api_server import create_app
     from .bridge import Bridge
+    from .connection import HttpProtocol
     from .metrics import Metrics
 
     setup_logging(args.log_level, "server")
