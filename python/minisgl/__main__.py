@@ -34,7 +34,6 @@ def _parse(argv: list[str] | None) -> ServerArgs:
         if lines:
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
-    args = _resolve_model(args)
     local = len(args.local_ranks)
     if local > 1 and args.resolved_device == "cuda":
         import torch
@@ -46,7 +45,7 @@ def _parse(argv: list[str] | None) -> ServerArgs:
             )
     if args.chat_template and not os.path.isfile(args.chat_template):
         _fail(f"--chat-template {args.chat_template!r} is not a file")
-    return args
+    return _resolve_model(args)  # last: it may download the checkpoint
 
 
 def _resolve_model(args: ServerArgs) -> ServerArgs:
