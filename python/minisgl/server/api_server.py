@@ -134,9 +134,7 @@ class Guard:
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         has_body = declared or b"transfer-encoding" in headers  # a bare POST (/flush_cache) is fine
         if has_body and ctype != b"application/json" and not ctype.endswith(b"+json"):
-            resp = error_response(
-                415, "the request body must be JSON (Content-Type: application/json)"
-            )
+            resp = error_response(415, "Content-Type must be application/json")
             return await resp(scope, receive, send)
         chunks, size = [], 0
         while True:

@@ -9,10 +9,7 @@ Sockets (all ipc, in the launcher's private directory):
   detokenizer  PUSH: AbortReq, so the detokenizer frees its state at once
 
 Liveness: the scheduler's Stats (every 0.5 s) and the other workers' Heartbeats stamp `beats`;
-a worker silent for STALL_S is reported by `stalled()` (/health answers 503). A client that
-takes nothing from its Results for --stall-timeout s while output waits is cut off: its engine
-requests are aborted and its buffer freed. (No cap on the count: the receive loop may put a
-burst of thousands before the reader runs.)
+a worker silent for STALL_S is reported by `stalled()` (/health answers 503).
 """
 
 from __future__ import annotations
@@ -46,25 +43,13 @@ from .metrics import Metrics
 logger = logging.getLogger("minisgl.server")
 
 
-class Results(asyncio.Queue):
-    """(choice index, TextOut | ErrorOut) of one HTTP request; remembers when it was last read."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_get = time.monotonic()
-
-    def get_nowait(self) -> Any:
-        self.last_get = time.monotonic()
-        return super().get_nowait()
-
-
 @dataclass(eq=False)
 class ReqHandle:
     """One engine request (one choice of one prompt) as seen by the API server."""
 
     uid: int
     index: int  # choice index inside its HTTP request
-    queue: Results  # shared by the choices of one HTTP request
+    queue: asyncio.Queue  # shared by the choices of one HTTP request: (index, TextOut|ErrorOut)
     worker: int
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = 0.0
@@ -171,7 +156,7 @@ class Bridge:
     # ---- requests -----------------------------------------------------------------------
     def submit(
         self,
-        queue: Results,
+        queue: asyncio.Queue,
         index: int,
         prompt: str | list[int],
         params: dict[str, Any],
@@ -219,16 +204,6 @@ class Bridge:
             self.sched_push.send(encode(FlushCache()))
         return await asyncio.wait_for(asyncio.shield(self._flush), timeout)
 
-    def _cut_off(self, h: ReqHandle) -> None:
-        """The client stopped reading: abort its requests and free what waits for it."""
-        q = h.queue
-        logger.warning("request %d: the client stopped reading; aborting it", h.uid)
-        while not q.empty():
-            q.get_nowait()
-        for other in [x for x in self.reqs.values() if x.queue is q]:
-            self.abort(other)
-        q.put_nowait((h.index, ErrorOut(h.uid, "the client stopped reading the response", 408)))
-
     async def _recv_loop(self) -> None:
         inbox = Inbox("api", TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
         while True:
@@ -241,8 +216,6 @@ class Bridge:
             if h is None:
                 return  # aborted or failed already
             now = time.perf_counter()
-            if h.queue.qsize() and time.monotonic() - h.queue.last_get > self.args.stall_timeout:
-                return self._cut_off(h)
             if h.num_tokens == 0:
                 m.ttft.observe(now - h.t_start)
                 m.prompt_tokens.inc(max(msg.prompt_len, 0))

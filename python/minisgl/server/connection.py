@@ -1,16 +1,8 @@
-"""The client's connection, below the routes: what it may send and what happens when it hangs
-up or stops reading.
-
-- `HttpProtocol` (uvicorn's h11 protocol): a bounded kernel send buffer, since autotuning lets a
-  client that reads nothing park megabytes there, so our sends would never block and
-  --stall-timeout never fire; and a JSON body on uvicorn's own 400 for unparsable HTTP.
-- `Gate`: Host and Origin checks (DNS rebinding, cross-site requests against a key-less loopback
-  server). --allowed-hosts defaults to the loopback names when bound to loopback, else any;
-  --allowed-origins to origins whose host is an allowed host. No Origin (any non-browser
-  client) passes.
-- `until_hangup` and `Stream`: a request's work ends, and its engine requests are aborted, as
-  soon as the client hangs up, from its first moment (queued, in prefill) to its last chunk.
-"""
+"""The client's connection below the routes. `HttpProtocol`: a bounded kernel send buffer (with
+autotuning a client that reads nothing parks megabytes there and our sends never block, so
+--stall-timeout could not fire) and JSON on uvicorn's own 400. `Gate`: Host / Origin checks
+against DNS rebinding and cross-site requests (no Origin, i.e. not a browser, passes).
+`until_hangup`, `Stream`: a client's hang-up aborts its requests, queued or streaming."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
 """One HTTP request's engine requests (n choices x prompts): admission, fair submission, stop
 strings, streaming, timeouts and aborts.
 
-Admission: a request over --max-choices, or more choices without output yet in the whole server
-than --max-waiting-requests, is refused before anything is submitted (400 / 429). Fairness: at
-most `window` (a quarter of --max-running-requests) choices of one request are in the engine at
-once, the next one goes in when one finishes, so one big request cannot fill the running batch
-and a small request beside it starts at once. The first window goes out choice-major (choice 0
-of every prompt first), so a bad prompt is usually an HTTP error rather than a broken stream.
-
-Stop strings are matched incrementally (one KMP automaton per stop string, fed only the new
-characters), so each token costs O(new chars x stop strings) however long the text or the stops.
+Over --max-choices, or over --max-waiting-requests choices without output server-wide: 400 / 429
+before anything is submitted. At most a quarter of --max-running-requests choices of one request
+run at once (so a small request beside a big one starts at once), choice 0 of every prompt first
+(so a bad prompt is usually an HTTP error, not a broken stream). Stop strings: one KMP automaton
+each, fed only new characters: O(new chars x stops) per token, whatever the lengths.
 """
 
 from __future__ import annotations
@@ -24,7 +20,7 @@ from typing import Any
 
 from minisgl.messages import ErrorOut, TextOut
 
-from .bridge import Bridge, ReqHandle, Results
+from .bridge import Bridge, ReqHandle
 
 
 class ApiError(Exception):
@@ -131,7 +127,7 @@ class Generation:
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.queue = Results()
+        self.queue: asyncio.Queue = asyncio.Queue()
         self.handles: list[ReqHandle | None] = []
         self.choices: list[Choice] = []
         self._specs: list[tuple[tuple[int, int], str | list[int], dict, bool]] = []
