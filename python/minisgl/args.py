@@ -37,6 +37,8 @@ class ServerArgs:
     log_level: str = "info"
     max_request_bytes: int = 8 * 1024 * 1024
     max_n: int = 16
+    allowed_origins: str | None = None
+    reasoning_parser: str | None = None
     temperature: float = 0.0  # shell sampling defaults
     max_tokens: int = 512
     # internal
@@ -76,6 +78,10 @@ class ServerArgs:
         need(
             self.max_n >= 1 and self.max_request_bytes >= 1024,
             "--max-n / --max-request-bytes too small",
+        )
+        need(
+            self.reasoning_parser in (None, "qwen3"),
+            f"--reasoning-parser must be qwen3, got {self.reasoning_parser!r}",
         )
         need(
             self.log_level in ("debug", "info", "warning", "error"),
@@ -124,6 +130,8 @@ _HELP = {
     "log_level": "debug, info, warning or error",
     "max_request_bytes": "largest accepted request body",
     "max_n": "largest accepted n (choices per request)",
+    "allowed_origins": "comma-separated origins allowed by CORS (e.g. http://localhost:3000, or *)",
+    "reasoning_parser": "qwen3: move <think>...</think> into reasoning_content (chat)",
     "temperature": "shell: sampling temperature",
     "max_tokens": "shell: max new tokens per answer",
 }

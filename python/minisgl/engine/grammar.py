@@ -25,7 +25,10 @@ CACHE_SIZE = 256  # compiled grammars kept (by spec)
 
 def check_grammar(grammar: list[str]) -> str | None:
     """Why `grammar` cannot be compiled (a user-facing message), or None."""
-    import xgrammar as xgr
+    try:
+        import xgrammar as xgr
+    except ImportError:
+        return "structured output needs the xgrammar package: pip install 'minisgl[grammar]'"
 
     kind, spec = grammar
     try:

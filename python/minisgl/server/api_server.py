@@ -1,11 +1,16 @@
-"""FastAPI app: OpenAI-compatible routes, native /generate, /health, /metrics."""
+"""FastAPI app: OpenAI-compatible routes, native /generate, /tokenize, /detokenize, /health,
+/metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import re
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,15 +20,23 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from minisgl.args import ServerArgs
 
 from .bridge import Bridge
 from .generation import ApiError, Generation
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from .responses import Formatter, error_body, native_item, native_stream
-from .tokenizer import NO_TEMPLATE
+from .tokenizer import NO_TEMPLATE, Reject, TokenizerWorker
+from .tools import ChatParser, grammar_for, tool_mode
 
 logger = logging.getLogger("minisgl.server")
 
@@ -33,6 +46,8 @@ ROUTES = (
     "/v1/chat/completions",
     "/v1/models",
     "/generate",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/metrics",
 )
@@ -73,10 +88,17 @@ class Guard:
         path = scope["path"]
         route = path if path in ROUTES else "other"
         status_box = [500]
+        rid = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        if not re.fullmatch(rb"[\x21-\x7e]{1,128}", rid):  # echoed when sane, else made up
+            rid = uuid.uuid4().hex.encode()
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", rid)],
+                }
             await send(message)
 
         try:
@@ -125,7 +147,7 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
+def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
     metrics = bridge.metrics if bridge is not None else Metrics()
     bridge = bridge or Bridge(args, metrics)
     name = args.model_name
@@ -139,6 +161,11 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
 
     app = FastAPI(title="minisgl", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bridge = bridge
+    started = int(time.time())
+    keys = (name, args.dtype, args.tp, args.seed, args.cache, args.page_size, args.attn)
+    fingerprint = "fp_" + hashlib.sha256(repr(keys).encode()).hexdigest()[:10]
+    local: dict[str, TokenizerWorker] = {}  # for /tokenize and /detokenize, loaded on first use
+    local_lock = asyncio.Lock()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -176,10 +203,14 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
                     400, f"{what}: token id {i} is outside the vocabulary [0, {vocab})", what
                 )
 
-    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, n: int) -> list[dict]:
+    def sampling(
+        req: Any, max_tokens: int | None, logprobs: int | None, n: int, grammar: Any = None
+    ) -> list[dict]:
         if n > args.max_n:
             raise ApiError(400, f"n must be at most {args.max_n}, got {n}", "n")
         check_ids(req.stop_token_ids or [], "stop_token_ids")
+        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        check_ids(list(bias), "logit_bias")
         top_k = req.top_k if req.top_k not in (None, 0) else -1
         if top_k >= bridge.vocab_size:
             top_k = -1
@@ -192,6 +223,13 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
             "stop_token_ids": list(req.stop_token_ids or []),
             "seed": None,
             "logprobs": -1 if logprobs is None else logprobs,
+            "presence_penalty": req.presence_penalty or 0.0,
+            "frequency_penalty": req.frequency_penalty or 0.0,
+            "repetition_penalty": req.repetition_penalty or 1.0,
+            "min_p": req.min_p or 0.0,
+            "min_tokens": req.min_tokens,
+            "logit_bias": bias or None,
+            "grammar": grammar,
         }
         out = []
         for i in range(n):  # choice i uses seed + i: different but reproducible
@@ -237,14 +275,73 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    schema = {"application/json": {"schema": {"type": "object"}}}
+
+    def card() -> dict[str, Any]:
+        c = {"id": name, "object": "model", "created": started, "owned_by": "minisgl"}
+        if bridge.max_seq_len:
+            c["max_model_len"] = bridge.max_seq_len
+        return c
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "minisgl"}
-        if bridge.max_seq_len:
-            card["max_model_len"] = bridge.max_seq_len
-        return JSONResponse({"object": "list", "data": [card]})
+        return JSONResponse({"object": "list", "data": [card()]})
 
-    schema = {"application/json": {"schema": {"type": "object"}}}
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> JSONResponse:
+        if model_id != name:
+            raise ApiError(404, f"model {model_id!r} is not served here; use {name!r}", "model")
+        return JSONResponse(card())
+
+    async def tokenizer() -> TokenizerWorker:
+        require_ready()
+        async with local_lock:
+            if not local:
+                from .detokenizer import load_tokenizer
+
+                w = TokenizerWorker(await asyncio.to_thread(load_tokenizer, args))
+                w.configure(bridge.info)
+                local["w"] = w
+        if local["w"].tok is None:
+            raise ApiError(400, "this model has no tokenizer")
+        return local["w"]
+
+    def chat_payload(req: Any) -> str:
+        try:
+            messages = [m.render() for m in req.messages]
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+        return json.dumps({"messages": messages, "add_generation_prompt": req.add_generation_prompt,
+                           "tools": tools, "kwargs": req.chat_template_kwargs or {}})  # fmt: skip
+
+    @app.post("/tokenize", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    async def tokenize(request: Request) -> JSONResponse:
+        req: TokenizeRequest = parse(TokenizeRequest, await request.body())
+        check_model(req.model)
+        w = await tokenizer()
+        chat = req.messages is not None
+        text = chat_payload(req) if chat else req.prompt
+        try:
+            ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
+        except Reject as e:
+            raise ApiError(400, str(e)) from None
+        out: dict[str, Any] = {
+            "count": len(ids),
+            "max_model_len": bridge.max_seq_len,
+            "tokens": ids,
+        }
+        if req.return_token_strs:
+            out["token_strs"] = w.tok.convert_ids_to_tokens(ids)
+        return JSONResponse(out)
+
+    @app.post("/detokenize", openapi_extra={"requestBody": {"content": schema, "required": True}})
+    async def detokenize(request: Request) -> JSONResponse:
+        req: DetokenizeRequest = parse(DetokenizeRequest, await request.body())
+        check_model(req.model)
+        w = await tokenizer()
+        check_ids(req.tokens, "tokens")
+        return JSONResponse({"prompt": await asyncio.to_thread(w.tok.decode, req.tokens)})
 
     @app.post(
         "/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
@@ -259,12 +356,13 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         for p in prompts:
             if isinstance(p, list):
                 check_ids(p, "prompt")
-        params = sampling(req, req.max_tokens, req.logprobs, req.n)
+        params = sampling(req, req.max_tokens, req.logprobs, req.n, grammar_for(req, False))
         gen = Generation(bridge)
         for pi, p in enumerate(prompts):
             for ps in params:
                 gen.add(pi, p, ps, req.stop, chat=False)
-        fmt = Formatter("completion", name, req.logprobs is not None, _usage(req))
+        fmt = Formatter("completion", name, req.logprobs is not None, *_usage(req),
+                        fingerprint=fingerprint)  # fmt: skip
         stream = fmt.stream(gen) if req.stream else None
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
@@ -279,20 +377,17 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         if not info.get("has_chat_template", True):
             no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
             raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
-        try:
-            messages = [m.render() for m in req.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
+        payload = chat_payload(req)
         top = req.top_logprobs if req.top_logprobs is not None else 0
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = sampling(req, max_tokens, top if req.logprobs else None, req.n)
-        payload = json.dumps(
-            {"messages": messages, "add_generation_prompt": req.add_generation_prompt}
-        )
+        grammar = grammar_for(req, True)
+        params = sampling(req, max_tokens, top if req.logprobs else None, req.n, grammar)
         gen = Generation(bridge)
         for ps in params:
             gen.add(0, payload, ps, req.stop, chat=True)
-        fmt = Formatter("chat", name, req.logprobs, _usage(req))
+        mode, think = tool_mode(req), args.reasoning_parser == "qwen3"
+        fmt = Formatter("chat", name, req.logprobs, *_usage(req), fingerprint=fingerprint,
+                        parser=lambda: ChatParser(think, mode, req.parallel_tool_calls))  # fmt: skip
         stream = fmt.stream(gen) if req.stream else None
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
@@ -303,11 +398,16 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         sp = req.sampling_params
         if req.input_ids is not None:
             check_ids(req.input_ids, "input_ids")
+        if sp.json_schema is not None and sp.regex is not None:
+            raise ApiError(400, "give at most one of json_schema and regex", "sampling_params")
+        grammar = ["json", sp.json_schema] if sp.json_schema is not None else None
+        grammar = ["regex", sp.regex] if sp.regex is not None else grammar
         params = sampling(
             _NativeView(sp),
             sp.max_new_tokens,
             req.top_logprobs_num if req.return_logprob else None,
             sp.n,
+            grammar,
         )
         gen = Generation(bridge)
         prompt = req.text if req.text is not None else req.input_ids
@@ -322,7 +422,12 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
 
         return await respond(gen, request, stream, full)
 
-    return Guard(app, args, metrics)  # type: ignore[return-value]
+    asgi: Any = Guard(app, args, metrics)
+    if args.allowed_origins:  # outermost: preflights are answered before the API-key check
+        origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+        asgi = CORSMiddleware(asgi, allow_origins=origins, allow_methods=["*"],
+                              allow_headers=["*"], expose_headers=["x-request-id"])  # fmt: skip
+    return asgi
 
 
 class _NativeView:
@@ -332,6 +437,9 @@ class _NativeView:
         self.temperature, self.top_p, self.top_k = sp.temperature, sp.top_p, sp.top_k
         self.ignore_eos, self.seed = sp.ignore_eos, sp.seed
         self.stop_token_ids = sp.stop_token_ids
+        self.presence_penalty, self.frequency_penalty = sp.presence_penalty, sp.frequency_penalty
+        self.repetition_penalty, self.min_p = sp.repetition_penalty, sp.min_p
+        self.min_tokens, self.logit_bias = sp.min_new_tokens, None
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -339,5 +447,7 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def _usage(req: Any) -> bool:
-    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+def _usage(req: Any) -> tuple[bool, bool]:
+    """(a final usage chunk, usage in every chunk): stream_options' two flags."""
+    so = req.stream_options
+    return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)

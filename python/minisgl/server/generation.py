@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,12 +34,16 @@ class Choice:
     prompt_len: int = 0
     cached: int = 0
     _search_from: int = 0
+    _lp_start: list[int] = field(default_factory=list)  # per logprob entry: len(text) before it
+    _lp_sent: int = 0
 
     def feed(self, msg: TextOut) -> tuple[str, list[Any]]:
-        """Take one TextOut; return (text delta safe to emit now, new logprob entries)."""
+        """Take one TextOut; return (text delta safe to emit now, logprob entries of the text
+        emitted so far: those of a stop string and of an EOS that adds no text never are)."""
         self.token_ids += msg.token_ids
         new_lps = [lp for lp in msg.logprobs if lp is not None]
         self.logprobs += new_lps
+        self._lp_start += [len(self.text)] * len(new_lps)
         self.prompt_len, self.cached = msg.prompt_len, msg.cached
         self.text += msg.text
         done = msg.finished is not None
@@ -51,15 +56,21 @@ class Choice:
             if hit >= 0:
                 self.text = self.text[:hit]
                 self.finish_reason, done = "stop", True
+                del self.logprobs[bisect_left(self._lp_start, hit) :]
             else:
                 longest = max(len(s) for s in self.stops)
                 self._search_from = max(0, len(self.text) - longest + 1)
         if msg.finished is not None and self.finish_reason is None:
             self.finish_reason = msg.finished
+            last = self.logprobs[-1][0] if msg.finished == "stop" and self.logprobs else None
+            if last is not None and not (last and self.text.endswith(last)):
+                self.logprobs.pop()  # the stop token's text is not in the output
         end = len(self.text) if done else len(self.text) - self._holdback()
         delta = self.text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
-        return delta, new_lps
+        n = len(self.logprobs) if done else bisect_left(self._lp_start, self.sent)
+        lps, self._lp_sent = self.logprobs[self._lp_sent : n], max(n, self._lp_sent)
+        return delta, lps
 
     def _holdback(self) -> int:
         """Length of the longest tail of `text` that could still grow into a stop string."""
@@ -122,8 +133,8 @@ class Generation:
         if isinstance(msg, ErrorOut):
             raise ApiError(msg.status, msg.message)
         delta, lps = c.feed(msg)
-        if c.done:
-            self.bridge.abort(self.handles[index])  # no-op unless a stop string hit
+        if c.done:  # no-op unless a stop string hit: then it counts as a "stop" finish
+            self.bridge.abort(self.handles[index], "stop")
         return Event(c, delta, lps, c.done)
 
     async def _next(self) -> tuple[int, Any]:

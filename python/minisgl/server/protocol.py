@@ -8,7 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -25,6 +25,24 @@ MAX_TOP_LOGPROBS = 20
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class JsonSchemaFormat(_Strict):
+    name: SStr = "response"
+    description: SStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with (and only with) type 'json_schema'")
+        return self
 
 
 class StreamOptions(_Strict):
@@ -83,9 +101,21 @@ def _seed(cls: Any, v: int | None) -> int | None:
     return v
 
 
-def _no_penalty(cls: Any, v: float | None) -> float | None:
-    if v not in (None, 0, 0.0):
-        raise ValueError("penalties are not supported (only 0)")
+def _range(lo: float, hi: float, lo_open: bool = False) -> Any:
+    def check(cls: Any, v: float | None) -> float | None:
+        if v is not None and not (lo < v <= hi if lo_open else lo <= v <= hi):
+            raise ValueError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+        return v
+
+    return check
+
+
+def _logit_bias(cls: Any, v: dict[str, float] | None) -> dict[str, float] | None:
+    if v is not None:
+        if len(v) > 1024 or not all(k.isdigit() and -100 <= b <= 100 for k, b in v.items()):
+            raise ValueError(
+                "must map at most 1024 token ids (as strings) to biases in [-100, 100]"
+            )
     return v
 
 
@@ -126,9 +156,35 @@ class _Sampling(_SamplingChecks):
     user: SStr | None = None
     frequency_penalty: SFloat | None = None
     presence_penalty: SFloat | None = None
+    repetition_penalty: SFloat | None = None
+    min_p: SFloat | None = None
+    min_tokens: SInt = 0
+    logit_bias: dict[SStr, SFloat] | None = None
+    response_format: ResponseFormat | None = None
+    guided_json: SStr | dict[str, Any] | None = None
+    guided_regex: SStr | None = None
+    guided_choice: list[SStr] | None = Field(default=None, min_length=1)
+    # accepted, changing nothing (docs/server.md says why)
+    store: SBool | None = None
+    metadata: dict[SStr, SStr] | None = None
+    service_tier: SStr | None = None
+    # SGLang's router sends these: accepted only with the value this server implements
+    no_stop_trim: Literal[False] = False
+    skip_special_tokens: Literal[True] = True
+    return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
-    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
+    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_range(-2, 2))
+    _v_repetition = field_validator("repetition_penalty")(_range(0, 2, lo_open=True))
+    _v_min_p = field_validator("min_p")(_range(0, 1))
+    _v_min_tokens = field_validator("min_tokens")(_range(0, MAX_INT))
+    _v_logit_bias = field_validator("logit_bias")(_logit_bias)
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> Any:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
 
 class CompletionRequest(_Sampling):
@@ -180,6 +236,8 @@ class ChatMessage(BaseModel):
     role: SStr
     content: SStr | list[ContentPart] | None = None
     name: SStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: SStr | None = None
 
     def render(self) -> dict[str, Any]:
         c = self.content
@@ -188,9 +246,30 @@ class ChatMessage(BaseModel):
                 raise ValueError("only text content parts are supported")
             c = "".join(p.text or "" for p in c)
         msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
-        if self.name is not None:
-            msg["name"] = self.name
+        for k in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, k) is not None:
+                msg[k] = getattr(self, k)
         return msg
+
+
+class Function(_Strict):
+    name: SStr = Field(min_length=1, max_length=64)
+    description: SStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: SBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(_Strict):
+    class _Name(_Strict):
+        name: SStr
+
+    type: Literal["function"]
+    function: _Name
 
 
 class ChatCompletionRequest(_Sampling):
@@ -199,17 +278,28 @@ class ChatCompletionRequest(_Sampling):
     logprobs: SBool = False
     top_logprobs: SInt | None = None
     add_generation_prompt: SBool = True
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: SBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
     _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
     _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
 
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in [t.function.name for t in self.tools or []]:
+                raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
+        if set(self.chat_template_kwargs or {}) & reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {sorted(reserved)}")
+        return self
 
 
 class NativeSamplingParams(_SamplingChecks):
@@ -222,8 +312,19 @@ class NativeSamplingParams(_SamplingChecks):
     ignore_eos: SBool = False
     seed: SInt | None = None
     n: SInt = 1
+    frequency_penalty: SFloat = 0.0
+    presence_penalty: SFloat = 0.0
+    repetition_penalty: SFloat = 1.0
+    min_p: SFloat = 0.0
+    min_new_tokens: SInt = 0
+    json_schema: SStr | None = None
+    regex: SStr | None = None
 
     _v_max_tokens = field_validator("max_new_tokens")(_positive)
+    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_range(-2, 2))
+    _v_repetition = field_validator("repetition_penalty")(_range(0, 2, lo_open=True))
+    _v_min_p = field_validator("min_p")(_range(0, 1))
+    _v_min_tokens = field_validator("min_new_tokens")(_range(0, MAX_INT))
 
 
 class GenerateRequest(_Strict):
@@ -243,3 +344,27 @@ class GenerateRequest(_Strict):
         if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
         return self
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered by the chat template."""
+
+    model: SStr | None = None
+    prompt: SStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: SBool = True
+    add_generation_prompt: SBool = True
+    return_token_strs: SBool = False
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: SStr | None = None
+    tokens: list[SInt]

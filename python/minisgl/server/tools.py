@@ -1,0 +1,185 @@
+"""Structured output and tool calls of the chat API.
+
+`grammar_for` turns `response_format`, vLLM's `guided_json` / `guided_regex` / `guided_choice`
+and a forcing `tool_choice` into the engine's grammar spec ([kind, spec], engine/grammar.py):
+a named tool constrains the output to that function's arguments (a JSON object of its
+parameter schema); `required` to a JSON array of {"name", "parameters"} objects, one of the
+tools each (one element if `parallel_tool_calls` is false), as vLLM does.
+
+`ChatParser` splits one choice's generated text into the message fields, incrementally (a whole
+response is one final delta, so streaming and non-streaming agree): reasoning first
+(reasoning.py), then tool calls. With `tool_choice: auto` calls are Hermes / Qwen blocks,
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, in the content; text outside them
+stays content, and a block that is not valid JSON is content too. A streamed call is one delta
+shaped like OpenAI's (index, id, type, function name and arguments; clients accumulate deltas
+by index); a named tool's call opens with its id and name and its arguments stream as they
+are generated.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from .generation import ApiError
+from .reasoning import ReasoningParser, held_tail
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+_REGEX_META = set("\\^$.|?*+()[]{}")
+
+
+def _escape(s: str) -> str:
+    return "".join("\\" + c if c in _REGEX_META else c for c in s)
+
+
+def grammar_for(req: Any, chat: bool) -> list[str] | None:
+    specs = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        specs.append(["json", '{"type": "object"}'])
+    elif rf is not None and rf.type == "json_schema":
+        specs.append(["json", json.dumps(rf.json_schema.schema_)])
+    if req.guided_json is not None:
+        gj = req.guided_json
+        specs.append(["json", gj if isinstance(gj, str) else json.dumps(gj)])
+    if req.guided_regex is not None:
+        specs.append(["regex", req.guided_regex])
+    if req.guided_choice is not None:
+        specs.append(["regex", "|".join(f"({_escape(c)})" for c in req.guided_choice)])
+    mode = tool_mode(req) if chat else None
+    if isinstance(mode, dict):  # a named tool
+        specs.append(["json", json.dumps(mode.get("parameters") or {"type": "object"})])
+    elif mode == "required":
+        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+                  "properties": {"name": {"enum": [t.function.name]},
+                                 "parameters": t.function.parameters or {"type": "object"}}}
+                 for t in req.tools]  # fmt: skip
+        schema = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not req.parallel_tool_calls:
+            schema["maxItems"] = 1
+        specs.append(["json", json.dumps(schema)])
+    if len(specs) > 1:
+        raise ApiError(400, "give at most one of response_format (json), guided_json, "
+                       "guided_regex, guided_choice and a tool_choice that forces a call")  # fmt: skip
+    return specs[0] if specs else None
+
+
+def tool_mode(req: Any) -> str | dict | None:
+    """None (no tools, or "none"), "auto", "required" or the named tool's function dict."""
+    if not req.tools or req.tool_choice == "none":
+        return None
+    tc = req.tool_choice or "auto"
+    if isinstance(tc, str):
+        return tc
+    fn = next(t.function for t in req.tools if t.function.name == tc.function.name)
+    return fn.model_dump(exclude_none=True)
+
+
+def _call(name: str, arguments: str) -> dict[str, Any]:
+    fn = {"name": name, "arguments": arguments}
+    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn}
+
+
+def _parse_block(block: str) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(block)
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(obj.get("name"), str) and isinstance(args, dict):
+            return _call(obj["name"], json.dumps(args, ensure_ascii=False))
+    except (ValueError, AttributeError):
+        pass
+    return None
+
+
+class ChatParser:
+    """One choice's text -> message deltas ({"content", "reasoning_content", "tool_calls"})."""
+
+    def __init__(self, reasoning: bool, mode: str | dict | None, parallel: bool = True) -> None:
+        self.reasoning = ReasoningParser() if reasoning else None
+        self.mode, self.parallel = mode, parallel
+        self.buf, self.inside, self.after, self.space = "", False, False, ""
+        self.calls: list[dict[str, Any]] = []
+
+    def feed(self, text: str, final: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.reasoning is not None:
+            r, text = self.reasoning.feed(text, final)
+            if r:
+                out["reasoning_content"] = r
+        new: list[dict[str, Any]] = []
+        if self.mode is None:
+            content = text
+        elif isinstance(self.mode, dict):  # named: the text is the arguments
+            content = ""
+            if not self.calls:
+                self.calls.append(_call(self.mode["name"], ""))
+                new.append(self._delta(self.calls[0]))
+            self.calls[0]["function"]["arguments"] += text
+            if text:
+                new.append({"index": 0, "function": {"arguments": text}})
+        elif self.mode == "required":  # a JSON array of calls, complete at the end
+            self.buf += text
+            content = ""
+            if final:
+                try:
+                    items = json.loads(self.buf)
+                except ValueError:
+                    raise ApiError(500, "the constrained tool-call output is not JSON") from None
+                for it in items:
+                    self.calls.append(_call(it["name"], json.dumps(it["parameters"])))
+                    new.append(self._delta(self.calls[-1]))
+        else:
+            content = self._auto(text, final, new)
+        if content:
+            out["content"] = content
+        if new:
+            out["tool_calls"] = new
+        return out
+
+    def _auto(self, text: str, final: bool, new: list) -> str:
+        self.buf += text
+        out = ""
+        while True:
+            tag = CLOSE if self.inside else OPEN
+            i = self.buf.find(tag)
+            if i < 0:
+                break
+            head, self.buf = self.buf[:i], self.buf[i + len(tag) :]
+            out += self._block(OPEN + head + CLOSE, head, new) if self.inside else self._text(head)
+            self.inside = not self.inside
+        if self.inside and final:  # cut before </tool_call>: a complete JSON still counts
+            out += self._block(OPEN + self.buf, self.buf, new)
+        elif not self.inside:
+            keep = 0 if final else held_tail(self.buf, OPEN)
+            out += self._text(self.buf[: len(self.buf) - keep], final)
+            self.buf = self.buf[len(self.buf) - keep :]
+        return out
+
+    def _block(self, raw: str, block: str, new: list) -> str:
+        call = _parse_block(block)
+        if call is None:  # not a call: the block stays content
+            return self._text(raw)
+        if self.parallel or not self.calls:  # parallel_tool_calls false: the first call only
+            self.calls.append(call)
+            new.append(self._delta(call))
+        self.after, self.space = True, ""
+        return ""
+
+    def _text(self, s: str, final: bool = False) -> str:
+        """Content; whitespace next to a call is dropped (trailing whitespace waits to see)."""
+        if self.after:
+            s = s.lstrip()
+            if not s:
+                return ""
+            self.after = False
+        s, self.space = self.space + s, ""
+        if final:
+            return s
+        body = s.rstrip()
+        self.space = s[len(body) :]
+        return body
+
+    def _delta(self, call: dict[str, Any]) -> dict[str, Any]:
+        """A streamed tool-call delta (a copy: the named call's arguments grow later)."""
+        return {"index": self.calls.index(call), **call, "function": dict(call["function"])}
