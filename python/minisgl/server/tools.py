@@ -112,11 +112,13 @@ class ChatParser:
             content = text
         elif isinstance(self.mode, dict):  # named: the text is the arguments
             content = ""
-            if not self.calls:
+            opening = not self.calls
+            if opening:
                 self.calls.append(_call(self.mode["name"], ""))
-                new.append(self._delta(self.calls[0]))
             self.calls[0]["function"]["arguments"] += text
-            if text:
+            if opening:  # one entry per call and chunk: some clients do not merge within one
+                new.append(self._delta(self.calls[0]))
+            elif text:
                 new.append({"index": 0, "function": {"arguments": text}})
         elif self.mode == "required":  # a JSON array of calls, complete at the end
             self.buf += text
