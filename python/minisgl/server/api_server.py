@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,16 +24,11 @@ from minisgl.args import ServerArgs
 
 from .bridge import Bridge
 from .generation import ApiError, Generation
+from .info_routes import add_info_routes, chat_payload
 from .metrics import Metrics
-from .protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    GenerateRequest,
-    TokenizeRequest,
-)
+from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from .responses import Formatter, error_body, native_item, native_stream
-from .tokenizer import NO_TEMPLATE, Reject, TokenizerWorker
+from .tokenizer import NO_TEMPLATE
 from .tools import ChatParser, grammar_for, tool_mode
 
 logger = logging.getLogger("minisgl.server")
@@ -161,11 +154,8 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
 
     app = FastAPI(title="minisgl", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bridge = bridge
-    started = int(time.time())
     keys = (name, args.dtype, args.tp, args.seed, args.cache, args.page_size, args.attn)
     fingerprint = "fp_" + hashlib.sha256(repr(keys).encode()).hexdigest()[:10]
-    local: dict[str, TokenizerWorker] = {}  # for /tokenize and /detokenize, loaded on first use
-    local_lock = asyncio.Lock()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -277,71 +267,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
 
     schema = {"application/json": {"schema": {"type": "object"}}}
 
-    def card() -> dict[str, Any]:
-        c = {"id": name, "object": "model", "created": started, "owned_by": "minisgl"}
-        if bridge.max_seq_len:
-            c["max_model_len"] = bridge.max_seq_len
-        return c
-
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [card()]})
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> JSONResponse:
-        if model_id != name:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {name!r}", "model")
-        return JSONResponse(card())
-
-    async def tokenizer() -> TokenizerWorker:
-        require_ready()
-        async with local_lock:
-            if not local:
-                from .detokenizer import load_tokenizer
-
-                w = TokenizerWorker(await asyncio.to_thread(load_tokenizer, args))
-                w.configure(bridge.info)
-                local["w"] = w
-        if local["w"].tok is None:
-            raise ApiError(400, "this model has no tokenizer")
-        return local["w"]
-
-    def chat_payload(req: Any) -> str:
-        try:
-            messages = [m.render() for m in req.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
-        return json.dumps({"messages": messages, "add_generation_prompt": req.add_generation_prompt,
-                           "tools": tools, "kwargs": req.chat_template_kwargs or {}})  # fmt: skip
-
-    @app.post("/tokenize", openapi_extra={"requestBody": {"content": schema, "required": True}})
-    async def tokenize(request: Request) -> JSONResponse:
-        req: TokenizeRequest = parse(TokenizeRequest, await request.body())
-        check_model(req.model)
-        w = await tokenizer()
-        chat = req.messages is not None
-        text = chat_payload(req) if chat else req.prompt
-        try:
-            ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
-        except Reject as e:
-            raise ApiError(400, str(e)) from None
-        out: dict[str, Any] = {
-            "count": len(ids),
-            "max_model_len": bridge.max_seq_len,
-            "tokens": ids,
-        }
-        if req.return_token_strs:
-            out["token_strs"] = w.tok.convert_ids_to_tokens(ids)
-        return JSONResponse(out)
-
-    @app.post("/detokenize", openapi_extra={"requestBody": {"content": schema, "required": True}})
-    async def detokenize(request: Request) -> JSONResponse:
-        req: DetokenizeRequest = parse(DetokenizeRequest, await request.body())
-        check_model(req.model)
-        w = await tokenizer()
-        check_ids(req.tokens, "tokens")
-        return JSONResponse({"prompt": await asyncio.to_thread(w.tok.decode, req.tokens)})
+    add_info_routes(app, args, bridge, parse, (require_ready, check_model, check_ids))
 
     @app.post(
         "/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}

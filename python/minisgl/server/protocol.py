@@ -8,6 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
@@ -16,6 +17,10 @@ SInt = Annotated[int, Strict()]
 SFloat = Annotated[float, Strict()]
 SBool = Annotated[bool, Strict()]
 SStr = Annotated[str, Strict()]
+Penalty = Annotated[float, Strict(), Field(ge=-2, le=2)]
+RepPenalty = Annotated[float, Strict(), Field(gt=0, le=2)]
+Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
+Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 
 MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
 MAX_STOP = 16  # stop strings per request
@@ -101,15 +106,6 @@ def _seed(cls: Any, v: int | None) -> int | None:
     return v
 
 
-def _range(lo: float, hi: float, lo_open: bool = False) -> Any:
-    def check(cls: Any, v: float | None) -> float | None:
-        if v is not None and not (lo < v <= hi if lo_open else lo <= v <= hi):
-            raise ValueError(f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
-        return v
-
-    return check
-
-
 def _logit_bias(cls: Any, v: dict[str, float] | None) -> dict[str, float] | None:
     if v is not None:
         if len(v) > 1024 or not all(k.isdigit() and -100 <= b <= 100 for k, b in v.items()):
@@ -154,11 +150,11 @@ class _Sampling(_SamplingChecks):
     ignore_eos: SBool = False
     seed: SInt | None = None
     user: SStr | None = None
-    frequency_penalty: SFloat | None = None
-    presence_penalty: SFloat | None = None
-    repetition_penalty: SFloat | None = None
-    min_p: SFloat | None = None
-    min_tokens: SInt = 0
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepPenalty | None = None
+    min_p: Prob | None = None
+    min_tokens: Count = 0
     logit_bias: dict[SStr, SFloat] | None = None
     response_format: ResponseFormat | None = None
     guided_json: SStr | dict[str, Any] | None = None
@@ -174,10 +170,6 @@ class _Sampling(_SamplingChecks):
     return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
-    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_range(-2, 2))
-    _v_repetition = field_validator("repetition_penalty")(_range(0, 2, lo_open=True))
-    _v_min_p = field_validator("min_p")(_range(0, 1))
-    _v_min_tokens = field_validator("min_tokens")(_range(0, MAX_INT))
     _v_logit_bias = field_validator("logit_bias")(_logit_bias)
 
     @model_validator(mode="after")
@@ -272,16 +264,37 @@ class NamedToolChoice(_Strict):
     function: _Name
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatInput(_Strict):
+    """What the tokenizer worker's chat template renders (chat completions and /tokenize)."""
+
+    messages: Any = None
+    add_generation_prompt: SBool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
+        if set(v or {}) & reserved:
+            raise ValueError(f"cannot set {sorted(reserved)}")
+        return v
+
+    def payload(self) -> str:
+        """The worker's JSON payload (ValueError: a message it cannot render)."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []] or None
+        return json.dumps({"messages": [m.render() for m in self.messages], "tools": tools,
+                           "add_generation_prompt": self.add_generation_prompt,
+                           "kwargs": self.chat_template_kwargs or {}})  # fmt: skip
+
+
+class ChatCompletionRequest(_Sampling, _ChatInput):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: SInt | None = None
     logprobs: SBool = False
     top_logprobs: SInt | None = None
-    add_generation_prompt: SBool = True
-    tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: SBool = True
-    chat_template_kwargs: dict[str, Any] | None = None
 
     _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
     _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
@@ -296,9 +309,6 @@ class ChatCompletionRequest(_Sampling):
             name = self.tool_choice.function.name
             if name not in [t.function.name for t in self.tools or []]:
                 raise ValueError(f"tool_choice names {name!r}, which is not in tools")
-        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
-        if set(self.chat_template_kwargs or {}) & reserved:
-            raise ValueError(f"chat_template_kwargs cannot set {sorted(reserved)}")
         return self
 
 
@@ -312,19 +322,15 @@ class NativeSamplingParams(_SamplingChecks):
     ignore_eos: SBool = False
     seed: SInt | None = None
     n: SInt = 1
-    frequency_penalty: SFloat = 0.0
-    presence_penalty: SFloat = 0.0
-    repetition_penalty: SFloat = 1.0
-    min_p: SFloat = 0.0
-    min_new_tokens: SInt = 0
+    frequency_penalty: Penalty = 0.0
+    presence_penalty: Penalty = 0.0
+    repetition_penalty: RepPenalty = 1.0
+    min_p: Prob = 0.0
+    min_new_tokens: Count = 0
     json_schema: SStr | None = None
     regex: SStr | None = None
 
     _v_max_tokens = field_validator("max_new_tokens")(_positive)
-    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_range(-2, 2))
-    _v_repetition = field_validator("repetition_penalty")(_range(0, 2, lo_open=True))
-    _v_min_p = field_validator("min_p")(_range(0, 1))
-    _v_min_tokens = field_validator("min_new_tokens")(_range(0, MAX_INT))
 
 
 class GenerateRequest(_Strict):
@@ -346,17 +352,14 @@ class GenerateRequest(_Strict):
         return self
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_ChatInput):
     """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered by the chat template."""
 
     model: SStr | None = None
     prompt: SStr | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: SBool = True
-    add_generation_prompt: SBool = True
     return_token_strs: SBool = False
-    tools: list[Tool] | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
