@@ -176,3 +176,19 @@ def test_offline_logprobs(llm) -> None:
         assert abs(lp - row[tok].item()) < 1e-4 and len(top) == 5
         assert [i for i, _ in top] == row.topk(5).indices.tolist()
     assert "logprobs" not in llm.generate([prompt], SamplingParams(max_tokens=2), use_tqdm=False)[0]
+
+
+def test_offline_grammar(llm) -> None:
+    """A grammar through LLM.generate; with ignore_eos, a complete grammar allows only EOS."""
+    eos = llm.engine.cfg.eos_token_ids[0]
+    prompt = llm.tokenizer.encode("The king")
+    p = SamplingParams(temperature=1.0, seed=1, max_tokens=8, ignore_eos=True,
+                       grammar=["regex", "(the red ball|a cake)!"])  # fmt: skip
+    for out in llm.generate([prompt] * 3, p, use_tqdm=False):
+        ids = out["token_ids"]
+        text = llm.tokenizer.decode([t for t in ids if t != eos])
+        assert text in ("the red ball!", "a cake!") and ids[-1] == eos and len(ids) == 8
+    with pytest.raises(ValueError, match="regex"):
+        llm.generate(
+            [prompt], SamplingParams(max_tokens=4, grammar=["regex", "(x"]), use_tqdm=False
+        )

@@ -67,34 +67,27 @@ class SamplingParams:
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, int) or not (-1 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [-1, 20], got {self.logprobs!r}")
-        for name, lo, hi in _RANGES:
+        for name, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                             ("repetition_penalty", 0, 2), ("min_p", 0, 1)):  # fmt: skip
             v = getattr(self, name)
-            if not isinstance(v, int | float) or isinstance(v, bool) or not lo <= v <= hi:
+            if (
+                not isinstance(v, int | float)
+                or isinstance(v, bool)
+                or not lo <= v <= hi
+                or (name == "repetition_penalty" and v == 0)
+            ):
                 raise bad(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
-        if self.repetition_penalty == 0:
-            raise bad("repetition_penalty must be > 0")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
-        lb = self.logit_bias or {}
+        lb, g = self.logit_bias or {}, self.grammar
         if not isinstance(lb, dict) or not all(
             isinstance(k, int) and k >= 0 and isinstance(v, int | float) and -100 <= v <= 100
             for k, v in lb.items()
         ):
             raise bad("logit_bias must map token ids to numbers in [-100, 100]")
-        g = self.grammar
-        if g is not None and not (
-            isinstance(g, list) and len(g) == 2 and g[0] in ("json", "regex")
-            and isinstance(g[1], str)
-        ):  # fmt: skip
+        if g is not None and not (isinstance(g, list) and len(g) == 2 and g[0] in ("json", "regex")
+                                  and isinstance(g[1], str)):  # fmt: skip
             raise bad(f"grammar must be ['json' | 'regex', spec], got {g!r}")
-
-
-_RANGES = [
-    ("presence_penalty", -2.0, 2.0),
-    ("frequency_penalty", -2.0, 2.0),
-    ("repetition_penalty", 0.0, 2.0),
-    ("min_p", 0.0, 1.0),
-]
 
 
 class FinishReason(str, Enum):

@@ -1,15 +1,13 @@
 """Logits processing before sampling: grammar masks, logit_bias, min_tokens, repetition /
 frequency / presence penalties and min_p, as batched torch ops over the rows that use them.
 
-Batches without such a row never come here and keep the sampler's fast path (on the GPU the
-Gumbel kernel inside the decode graph). Per-request state lives as long as its `Req` (a weak
-dictionary): a slot in [slots, vocab] pools of output-token counts and prompt-token flags on the
-device, updated by one scatter after each sampling, so nothing waits for the host, also under
-overlap scheduling where the host learns a token one step after the device. Grammar matchers
-(xgrammar) advance on the host: a step copies its grammar rows' tokens out without blocking and
-the next grammar step reads them before filling its bitmask. That read waits only for the
-previous step's sampling; this step's forward is already queued behind it, so the device keeps
-working while the host computes the mask.
+Batches without such a row keep the sampler's fast path (on the GPU the Gumbel kernel inside
+the decode graph). A request's state lives as long as its `Req` (weak dictionary): a slot in
+device pools of output-token counts and prompt-token flags ([slots, vocab]), updated by one
+scatter per sampling, so nothing waits for the host, whose tokens lag a step under overlap
+scheduling. Grammar matchers (xgrammar) advance on the host: a step copies its grammar rows'
+tokens out without blocking; the next grammar step waits for them (for the previous step's
+sampling only: its own forward is already queued) and fills its bitmask while the device runs.
 
 Order as in vLLM: grammar mask, logit_bias, min_tokens, repetition penalty (prompt + output),
 frequency and presence penalties (output), then min_p at the row's temperature; temperature,
@@ -50,14 +48,9 @@ class LogitsProcessor:
         if st is not None:
             return st
         if not self.free:  # double the pools; slots come back when their Req is collected
-            n = self.counts.shape[0]
-            grow = max(n, 8)
-            self.counts = torch.cat(
-                [self.counts.view(n, vocab), self.counts.new_zeros(grow, vocab)]
-            )
-            self.in_prompt = torch.cat(
-                [self.in_prompt.view(n, vocab), self.in_prompt.new_zeros(grow, vocab)]
-            )
+            n, grow = self.counts.shape[0], max(self.counts.shape[0], 8)
+            self.counts, self.in_prompt = (torch.cat([t.view(n, vocab), t.new_zeros(grow, vocab)])
+                                           for t in (self.counts, self.in_prompt))  # fmt: skip
             self.free.extend(range(n + grow - 1, n - 1, -1))  # the list finalizers append to
         st = _State(self.free.pop())
         self.counts[st.slot].zero_()
@@ -126,16 +119,16 @@ class LogitsProcessor:
                 st.matcher.accept_token(tok)  # False after termination: a step past the end
         vocab = logits.shape[-1]
         bitmask = xgr.allocate_token_bitmask(len(g), vocab)
+        done = [j for j, (_, st) in enumerate(g) if st.matcher.is_terminated()]
         for j, (_, st) in enumerate(g):
-            if st.matcher.is_terminated():  # grammar complete: only a stop token may follow
-                bitmask[j] = 0
-                for t in self.stop_ids:
-                    bitmask[j, t // 32] |= 1 << (t % 32)
-            else:
+            if j not in done:
                 st.matcher.fill_next_token_bitmask(bitmask, j)
         bits = h2d(bitmask, self.device)
         shifts = torch.arange(32, dtype=torch.int32, device=bits.device)
         allowed = ((bits[:, :, None] >> shifts) & 1).flatten(1)[:, :vocab].bool()
+        if done:  # the grammar is complete: only a stop token may follow
+            allowed[done] = False
+            allowed[torch.tensor(done)[:, None], torch.tensor(self.stop_ids)[None]] = True
         idx = h2d(torch.tensor([i for i, _ in g]), self.device)
         logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
