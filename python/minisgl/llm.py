@@ -117,7 +117,7 @@ class LLM:
         for prompt, p in zip(prompts, params):
             uid = next(self._uids)
             self._outputs[uid], self._logprobs[uid] = [], []
-            err = _check_grammar(p) or self.scheduler.add(uid, self._encode(prompt), p)
+            err = _grammar_error(p) or self.scheduler.add(uid, self._encode(prompt), p)
             if err is not None:
                 for u in uids:
                     self.scheduler.abort(u)
@@ -246,9 +246,7 @@ def _lp_field(p: SamplingParams, lps: list) -> dict[str, object]:
     return {"logprobs": lps} if p.logprobs >= 0 else {}
 
 
-def _check_grammar(p: SamplingParams) -> str | None:
-    if p.grammar is None:
-        return None
+def _grammar_error(p: SamplingParams) -> str | None:
     from .engine.grammar import check_grammar
 
-    return check_grammar(p.grammar)
+    return None if p.grammar is None else check_grammar(p.grammar)

@@ -1,16 +1,12 @@
 """Structured output: grammars compiled with xgrammar (imported lazily: only requests with a
 grammar need it) on a background thread, off the scheduler loop, and cached by their spec.
 
-A request carries `params.grammar = [kind, spec]`: kind "json" with a JSON schema (any JSON
-object is '{"type": "object"}') or "regex". The tokenizer worker checks the spec first
-(`check_grammar`, no vocabulary needed) so a bad schema is a 400 before the scheduler sees it.
-The scheduler submits the compile when the request arrives and admits the request once it is
-compiled (xgrammar releases the GIL while compiling: measured, the loop keeps running); with
-TP > 1 every rank waits for its compile on arrival instead, so that all ranks admit the request
-in the same step. logits.py turns the compiled grammar into a per-step bitmask.
-
-JSON is generated without free whitespace (`any_whitespace=False`): a model cannot stall in
-an endless run of spaces and newlines, and the output is compact JSON.
+`params.grammar = [kind, spec]`: "json" with a JSON schema, or "regex". The tokenizer worker
+checks the spec (`check_grammar`, no vocabulary needed): a bad one is a 400 before the
+scheduler sees it. The scheduler submits the compile on arrival and admits the request once
+compiled (xgrammar releases the GIL meanwhile); with TP > 1 each rank waits for it on arrival,
+so all ranks admit it in the same step. logits.py applies the per-step bitmask. JSON has no
+free whitespace (`any_whitespace=False`): no model can stall in endless blank lines.
 """
 
 from __future__ import annotations
@@ -43,8 +39,8 @@ def check_grammar(grammar: list[str]) -> str | None:
 
 
 class GrammarCompiler:
-    def __init__(self, model_path: str, vocab_size: int, stop_ids: list[int]) -> None:
-        self.model_path, self.vocab_size, self.stop_ids = model_path, vocab_size, stop_ids
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="grammar")
         self.cache: OrderedDict[tuple[str, str], Future] = OrderedDict()
         self._compiler: Any = None
@@ -65,11 +61,11 @@ class GrammarCompiler:
         if self._compiler is None:  # the vocabulary, once (~0.6 s for 152K tokens), here too
             from ..tokenizer import load_tokenizer
 
-            tok = load_tokenizer(self.model_path)
+            cfg, tok = self.engine.cfg, load_tokenizer(self.engine.model_path)
             if tok is None:
                 raise ValueError("structured output needs the model's tokenizer")
             info = xgr.TokenizerInfo.from_huggingface(
-                tok, vocab_size=self.vocab_size, stop_token_ids=self.stop_ids
+                tok, vocab_size=cfg.vocab_size, stop_token_ids=cfg.eos_token_ids
             )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         if kind == "json":

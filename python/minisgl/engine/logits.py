@@ -142,10 +142,8 @@ class LogitsProcessor:
             st.sampled += 1
         g = [j for j, st in enumerate(states) if st.matcher is not None]
         if g:
-            sel = picked[h2d(torch.tensor(g), self.device)]
-            event = None
+            sel, event = picked[h2d(torch.tensor(g), self.device)], None
             if sel.is_cuda:
-                sel = sel.to("cpu", non_blocking=True)
-                event = torch.cuda.Event()
+                sel, event = sel.to("cpu", non_blocking=True), torch.cuda.Event()
                 event.record()
             self.pending = (sel, event, [states[j] for j in g])

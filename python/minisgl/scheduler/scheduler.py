@@ -72,13 +72,9 @@ class Scheduler:
                 return f"duplicate request id {uid}"
             req = Req(uid, list(input_ids), params)
             if params.grammar is not None:
-                if self.grammars is None:
-                    from ..engine.grammar import GrammarCompiler
+                from ..engine.grammar import GrammarCompiler
 
-                    cfg = self.engine.cfg
-                    self.grammars = GrammarCompiler(
-                        self.engine.model_path, cfg.vocab_size, cfg.eos_token_ids
-                    )
+                self.grammars = self.grammars or GrammarCompiler(self.engine)
                 req.grammar = self.grammars.submit(params.grammar)
                 if self.engine.tp.size > 1:  # every rank admits it in the same step
                     req.grammar.exception()

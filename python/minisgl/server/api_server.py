@@ -88,10 +88,8 @@ class Guard:
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", []), (b"x-request-id", rid)],
-                }
+                headers = [*message.get("headers", []), (b"x-request-id", rid)]
+                message = {**message, "headers": headers}
             await send(message)
 
         try:

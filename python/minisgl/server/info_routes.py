@@ -1,8 +1,7 @@
 """Routes around generation: /v1/models and /v1/models/{id}, vLLM's /tokenize and /detokenize.
 
-/tokenize renders chat messages with the tokenizer workers' own code (a TokenizerWorker in the
-API process, whose tokenizer is loaded on a thread at the first call), so its ids are exactly
-those a chat completion's prompt gets.
+/tokenize renders chat messages with the tokenizer workers' code (a TokenizerWorker here, its
+tokenizer loaded on a thread at the first call): the ids a chat completion's prompt gets.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from minisgl.args import ServerArgs
 from .bridge import Bridge
 from .generation import ApiError
 from .protocol import DetokenizeRequest, TokenizeRequest
-from .tokenizer import Reject, TokenizerWorker
+from .tokenizer import TokenizerWorker
+from .tokenizer import _Reject as Reject
 
 
 def chat_payload(req: Any) -> str:

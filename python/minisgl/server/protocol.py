@@ -21,6 +21,8 @@ Penalty = Annotated[float, Strict(), Field(ge=-2, le=2)]
 RepPenalty = Annotated[float, Strict(), Field(gt=0, le=2)]
 Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
 Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[str, Strict(), Field(pattern=r"^[0-9]{1,10}$")]  # a JSON key: a string
+Bias = Annotated[float, Strict(), Field(ge=-100, le=100)]
 
 MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
 MAX_STOP = 16  # stop strings per request
@@ -106,15 +108,6 @@ def _seed(cls: Any, v: int | None) -> int | None:
     return v
 
 
-def _logit_bias(cls: Any, v: dict[str, float] | None) -> dict[str, float] | None:
-    if v is not None:
-        if len(v) > 1024 or not all(k.isdigit() and -100 <= b <= 100 for k, b in v.items()):
-            raise ValueError(
-                "must map at most 1024 token ids (as strings) to biases in [-100, 100]"
-            )
-    return v
-
-
 def _top_logprobs(cls: Any, v: int | None) -> int | None:
     if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
         raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
@@ -155,7 +148,7 @@ class _Sampling(_SamplingChecks):
     repetition_penalty: RepPenalty | None = None
     min_p: Prob | None = None
     min_tokens: Count = 0
-    logit_bias: dict[SStr, SFloat] | None = None
+    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=1024)
     response_format: ResponseFormat | None = None
     guided_json: SStr | dict[str, Any] | None = None
     guided_regex: SStr | None = None
@@ -170,7 +163,6 @@ class _Sampling(_SamplingChecks):
     return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
-    _v_logit_bias = field_validator("logit_bias")(_logit_bias)
 
     @model_validator(mode="after")
     def _stream_options(self) -> Any:
@@ -257,11 +249,8 @@ class Tool(_Strict):
 
 
 class NamedToolChoice(_Strict):
-    class _Name(_Strict):
-        name: SStr
-
     type: Literal["function"]
-    function: _Name
+    function: Function  # its name
 
 
 class _ChatInput(_Strict):

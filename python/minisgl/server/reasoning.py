@@ -1,11 +1,10 @@
 """Reasoning parser (`--reasoning-parser qwen3`): an output that starts with `<think>` has its
 thinking, up to `</think>`, moved from `content` into `reasoning_content`.
 
-One incremental parser serves streaming and whole responses alike (a whole response is one
-final delta), so both split the same text the same way. A tail that could still grow into a
-tag is held back until the next delta shows whether it does. An output without `<think>` at its
-start (e.g. `enable_thinking: false`, whose template closes the thinking block in the prompt)
-is all content; one whose `</think>` never comes (cut by max_tokens) is all reasoning.
+Streaming and whole responses (one final delta) go through the same incremental parser; a
+tail that could still grow into a tag waits for the next delta. Without `<think>` at the start
+(`enable_thinking: false` closes the block in the prompt) all is content; without `</think>`
+(cut by max_tokens) all is reasoning.
 """
 
 from __future__ import annotations

@@ -67,16 +67,9 @@ class Formatter:
     """Builds the OpenAI bodies of one request (`kind` is "completion" or "chat"). A chat's
     `parser` makes each choice's ChatParser (reasoning, tool calls: tools.py)."""
 
-    def __init__(
-        self,
-        kind: str,
-        model: str,
-        want_logprobs: bool,
-        include_usage: bool = False,
-        continuous_usage: bool = False,
-        parser: Callable[[], ChatParser] | None = None,
-        fingerprint: str = "",
-    ) -> None:
+    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False,
+                 continuous_usage: bool = False, parser: Callable[[], ChatParser] | None = None,
+                 fingerprint: str = "") -> None:  # fmt: skip
         self.kind, self.model = kind, model
         self.want_logprobs = want_logprobs
         self.include_usage, self.continuous_usage = include_usage, continuous_usage
@@ -93,10 +86,9 @@ class Formatter:
                 "system_fingerprint": self.fingerprint}  # fmt: skip
 
     def _parse(self, c: Choice, text: str, final: bool) -> dict[str, Any]:
-        p = self._parsers.get(c.index)
-        if p is None:
-            p = self._parsers[c.index] = self.parser()
-        return p.feed(text, final)
+        if c.index not in self._parsers:
+            self._parsers[c.index] = self.parser()
+        return self._parsers[c.index].feed(text, final)
 
     def _finish(self, c: Choice) -> str | None:
         """ "tool_calls" when a choice that stopped by itself called tools (as OpenAI)."""
@@ -119,13 +111,10 @@ class Formatter:
             lp = self._logprobs(c, c.logprobs)
             if self.kind == "chat":
                 parts = self._parse(c, c.text, True)
-                msg = {"role": "assistant", "content": parts.get("content")}
-                if "reasoning_content" in parts:
-                    msg["reasoning_content"] = parts["reasoning_content"]
-                if parts.get("tool_calls"):
-                    msg["tool_calls"] = self._parsers[c.index].calls
-                elif msg["content"] is None:
-                    msg["content"] = ""
+                calls = self._parsers[c.index].calls
+                msg = {"role": "assistant", "content": parts.get("content", None if calls else "")}
+                msg.update({k: v for k, v in parts.items() if k == "reasoning_content"})
+                msg.update({"tool_calls": calls} if calls else {})
                 choices.append(
                     {"index": c.index, "message": msg, "logprobs": lp,
                      "finish_reason": self._finish(c)}

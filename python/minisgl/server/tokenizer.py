@@ -46,7 +46,7 @@ class TokenizerWorker:
     def handle(self, req: TokenizeReq) -> UserReq | ErrorOut:
         try:
             return self._handle(req)
-        except Reject as e:
+        except _Reject as e:
             return ErrorOut(req.uid, str(e), 400)
         except Exception as e:  # a template or tokenizer error is the request's fault
             logger.warning("request %d rejected: %r", req.uid, e)
@@ -58,40 +58,44 @@ class TokenizerWorker:
         else:
             ids = self._tokenize(req)
         if not ids:
-            raise Reject("the prompt is empty")
+            raise _Reject("the prompt is empty")
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise Reject(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise _Reject(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
         params = dict(req.params)
         n, ctx = len(ids), self.max_seq_len
         if n >= ctx:
-            raise Reject(
+            raise _Reject(
                 f"This model's maximum context length is {ctx} tokens; the prompt has {n} tokens "
                 "and leaves no room for the completion."
             )
         if params.get("max_tokens") is None:
             params["max_tokens"] = ctx - n
         elif n + params["max_tokens"] > ctx:
-            raise Reject(
+            raise _Reject(
                 f"This model's maximum context length is {ctx} tokens. However, you requested "
                 f"{n + params['max_tokens']} tokens ({n} in the prompt, {params['max_tokens']} "
                 "for the completion). Please reduce the prompt or max_tokens."
             )
         bad = [i for i in params.get("stop_token_ids") or [] if not 0 <= i < self.vocab_size]
         if bad:
-            raise Reject(f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+            raise _Reject(
+                f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+            )
         try:
             SamplingParams(**params)
         except (TypeError, ValueError) as e:
-            raise Reject(str(e)) from None
-        if params.get("grammar"):
-            if self.tok is None:
-                raise Reject("structured output needs the model's tokenizer")
+            raise _Reject(str(e)) from None
+        if params.get("grammar"):  # a bad schema is a 400 here, off the scheduler's path
             from minisgl.engine.grammar import check_grammar
 
-            err = check_grammar(params["grammar"])
+            err = (
+                check_grammar(params["grammar"])
+                if self.tok
+                else "structured output needs a tokenizer"
+            )
             if err:
-                raise Reject(err)
+                raise _Reject(err)
         return UserReq(req.uid, ids, params)
 
     def _tokenize(self, req: TokenizeReq) -> list[int]:
@@ -101,10 +105,10 @@ class TokenizerWorker:
         """Token ids of a text prompt, or of chat messages (a JSON payload: messages, tools,
         add_generation_prompt, kwargs for the template) rendered by the chat template."""
         if self.tok is None:
-            raise Reject("this model has no tokenizer: send token ids instead of text")
+            raise _Reject("this model has no tokenizer: send token ids instead of text")
         if chat:
             if not self.has_chat_template:
-                raise Reject(NO_TEMPLATE)
+                raise _Reject(NO_TEMPLATE)
             payload = json.loads(text)
             text = self.tok.apply_chat_template(
                 payload["messages"],
@@ -115,14 +119,14 @@ class TokenizerWorker:
             )
             add_special = False  # the template writes BOS itself when the model wants one
         if len(text) > self.max_chars:
-            raise Reject(
+            raise _Reject(
                 f"the prompt ({len(text)} characters) is longer than the model's context of "
                 f"{self.max_seq_len} tokens"
             )
         return list(self.tok.encode(text, add_special_tokens=add_special))
 
 
-class Reject(Exception):
+class _Reject(Exception):
     pass
 
 

@@ -1,24 +1,20 @@
 """Structured output and tool calls of the chat API.
 
-`grammar_for` turns `response_format`, vLLM's `guided_json` / `guided_regex` / `guided_choice`
-and a forcing `tool_choice` into the engine's grammar spec ([kind, spec], engine/grammar.py):
-a named tool constrains the output to that function's arguments (a JSON object of its
-parameter schema); `required` to a JSON array of {"name", "parameters"} objects, one of the
-tools each (one element if `parallel_tool_calls` is false), as vLLM does.
+`grammar_for` turns `response_format`, vLLM's `guided_json/regex/choice` and a forcing
+`tool_choice` into the engine's grammar spec (engine/grammar.py): a named tool's arguments
+object, or for `required` (as vLLM) a JSON array of {"name", "parameters"} calls.
 
-`ChatParser` splits one choice's generated text into the message fields, incrementally (a whole
-response is one final delta, so streaming and non-streaming agree): reasoning first
-(reasoning.py), then tool calls. With `tool_choice: auto` calls are Hermes / Qwen blocks,
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, in the content; text outside them
-stays content, and a block that is not valid JSON is content too. A streamed call is one delta
-shaped like OpenAI's (index, id, type, function name and arguments; clients accumulate deltas
-by index); a named tool's call opens with its id and name and its arguments stream as they
-are generated.
+`ChatParser` splits a choice's text into message fields incrementally (a whole response is one
+final delta, so streaming agrees with it): reasoning (reasoning.py), then tool calls: Hermes /
+Qwen `<tool_call>{"name", "arguments"}</tool_call>` blocks for `auto` (anything else, invalid
+blocks included, stays content). A streamed call is one OpenAI-shaped delta (index, id, type,
+name, arguments); a named call opens with its id and name, then its arguments stream.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from typing import Any
 
@@ -26,22 +22,18 @@ from .generation import ApiError
 from .reasoning import ReasoningParser, held_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_REGEX_META = set("\\^$.|?*+()[]{}")
 
 
-def _escape(s: str) -> str:
-    return "".join("\\" + c if c in _REGEX_META else c for c in s)
+def _escape(s: str) -> str:  # xgrammar's regex knows no escaped space (re.escape writes one)
+    return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\1", s)
 
 
 def grammar_for(req: Any, chat: bool) -> list[str] | None:
-    specs = []
-    rf = req.response_format
-    if rf is not None and rf.type == "json_object":
-        specs.append(["json", '{"type": "object"}'])
-    elif rf is not None and rf.type == "json_schema":
-        specs.append(["json", json.dumps(rf.json_schema.schema_)])
-    if req.guided_json is not None:
-        gj = req.guided_json
+    rf, gj, specs = req.response_format, req.guided_json, []
+    if rf is not None and rf.type != "text":
+        schema = rf.json_schema.schema_ if rf.json_schema else {"type": "object"}
+        specs.append(["json", json.dumps(schema)])
+    if gj is not None:
         specs.append(["json", gj if isinstance(gj, str) else json.dumps(gj)])
     if req.guided_regex is not None:
         specs.append(["regex", req.guided_regex])
@@ -121,16 +113,14 @@ class ChatParser:
             elif text:
                 new.append({"index": 0, "function": {"arguments": text}})
         elif self.mode == "required":  # a JSON array of calls, complete at the end
-            self.buf += text
-            content = ""
-            if final:
-                try:
-                    items = json.loads(self.buf)
-                except ValueError:
-                    raise ApiError(500, "the constrained tool-call output is not JSON") from None
-                for it in items:
-                    self.calls.append(_call(it["name"], json.dumps(it["parameters"])))
-                    new.append(self._delta(self.calls[-1]))
+            self.buf, content, items = self.buf + text, "", []
+            try:
+                items = json.loads(self.buf) if final else []
+            except ValueError:  # cut by max_tokens: the text as it is
+                content = self.buf
+            for it in items:
+                self.calls.append(_call(it["name"], json.dumps(it["parameters"])))
+                new.append(self._delta(self.calls[-1]))
         else:
             content = self._auto(text, final, new)
         if content:
