@@ -28,10 +28,7 @@ def check_grammar(grammar: list[str]) -> str | None:
 
     kind, spec = grammar
     try:
-        if kind == "json":
-            xgr.Grammar.from_json_schema(spec, any_whitespace=False)
-        else:
-            xgr.Grammar.from_regex(spec)
+        xgr.Grammar.from_json_schema(spec) if kind == "json" else xgr.Grammar.from_regex(spec)
     except Exception as e:  # xgrammar raises RuntimeError with its C++ location in front
         msg = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(e).strip().splitlines()[0])
         return f"invalid {'JSON schema' if kind == 'json' else 'regex'}: {msg}"
@@ -48,11 +45,11 @@ class GrammarCompiler:
     def submit(self, grammar: list[str]) -> Future:
         key = (grammar[0], grammar[1])
         fut = self.cache.get(key)
-        if fut is None or (fut.done() and fut.exception() is not None):
+        if fut is None or (fut.done() and fut.exception() is not None):  # a failure is retried
             fut = self.cache[key] = self.pool.submit(self._compile, *key)
-            while len(self.cache) > CACHE_SIZE:
-                self.cache.popitem(last=False)
         self.cache.move_to_end(key)
+        if len(self.cache) > CACHE_SIZE:
+            self.cache.popitem(last=False)
         return fut
 
     def _compile(self, kind: str, spec: str) -> Any:
@@ -68,6 +65,9 @@ class GrammarCompiler:
                 tok, vocab_size=cfg.vocab_size, stop_token_ids=cfg.eos_token_ids
             )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        if kind == "json":
-            return self._compiler.compile_json_schema(spec, any_whitespace=False)
-        return self._compiler.compile_regex(spec)
+        c = self._compiler
+        return (
+            c.compile_json_schema(spec, any_whitespace=False)
+            if kind == "json"
+            else c.compile_regex(spec)
+        )

@@ -9,9 +9,8 @@ scheduling. Grammar matchers (xgrammar) advance on the host: a step copies its g
 tokens out without blocking; the next grammar step waits for them (for the previous step's
 sampling only: its own forward is already queued) and fills its bitmask while the device runs.
 
-Order as in vLLM: grammar mask, logit_bias, min_tokens, repetition penalty (prompt + output),
-frequency and presence penalties (output), then min_p at the row's temperature; temperature,
-top-k and top-p follow in the sampler. Logprobs are still those of the raw logits.
+vLLM's order: grammar mask, logit_bias, min_tokens, repetition, frequency and presence
+penalties, min_p (at the row's temperature); the sampler then does temperature/top-k/top-p.
 """
 
 from __future__ import annotations

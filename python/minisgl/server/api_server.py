@@ -197,7 +197,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
         if n > args.max_n:
             raise ApiError(400, f"n must be at most {args.max_n}, got {n}", "n")
         check_ids(req.stop_token_ids or [], "stop_token_ids")
-        bias = {int(k): float(v) for k, v in (req.logit_bias or {}).items()}
+        bias = {int(k): float(v) for k, v in (getattr(req, "logit_bias", None) or {}).items()}
         check_ids(list(bias), "logit_bias")
         top_k = req.top_k if req.top_k not in (None, 0) else -1
         if top_k >= bridge.vocab_size:
@@ -211,11 +211,12 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
             "stop_token_ids": list(req.stop_token_ids or []),
             "seed": None,
             "logprobs": -1 if logprobs is None else logprobs,
-            "presence_penalty": req.presence_penalty or 0.0,
-            "frequency_penalty": req.frequency_penalty or 0.0,
-            "repetition_penalty": req.repetition_penalty or 1.0,
-            "min_p": req.min_p or 0.0,
-            "min_tokens": req.min_tokens,
+            # OpenAI-route fields (the native view has none of them)
+            "presence_penalty": getattr(req, "presence_penalty", None) or 0.0,
+            "frequency_penalty": getattr(req, "frequency_penalty", None) or 0.0,
+            "repetition_penalty": getattr(req, "repetition_penalty", None) or 1.0,
+            "min_p": getattr(req, "min_p", None) or 0.0,
+            "min_tokens": getattr(req, "min_tokens", 0),
             "logit_bias": bias or None,
             "grammar": grammar,
         }
@@ -322,16 +323,11 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
         sp = req.sampling_params
         if req.input_ids is not None:
             check_ids(req.input_ids, "input_ids")
-        if sp.json_schema is not None and sp.regex is not None:
-            raise ApiError(400, "give at most one of json_schema and regex", "sampling_params")
-        grammar = ["json", sp.json_schema] if sp.json_schema is not None else None
-        grammar = ["regex", sp.regex] if sp.regex is not None else grammar
         params = sampling(
             _NativeView(sp),
             sp.max_new_tokens,
             req.top_logprobs_num if req.return_logprob else None,
             sp.n,
-            grammar,
         )
         gen = Generation(bridge)
         prompt = req.text if req.text is not None else req.input_ids
@@ -361,9 +357,6 @@ class _NativeView:
         self.temperature, self.top_p, self.top_k = sp.temperature, sp.top_p, sp.top_k
         self.ignore_eos, self.seed = sp.ignore_eos, sp.seed
         self.stop_token_ids = sp.stop_token_ids
-        self.presence_penalty, self.frequency_penalty = sp.presence_penalty, sp.frequency_penalty
-        self.repetition_penalty, self.min_p = sp.repetition_penalty, sp.min_p
-        self.min_tokens, self.logit_bias = sp.min_new_tokens, None
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -372,6 +365,5 @@ async def _wait_disconnect(request: Request) -> None:
 
 
 def _usage(req: Any) -> tuple[bool, bool]:
-    """(a final usage chunk, usage in every chunk): stream_options' two flags."""
     so = req.stream_options
     return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)

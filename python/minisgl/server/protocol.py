@@ -311,13 +311,6 @@ class NativeSamplingParams(_SamplingChecks):
     ignore_eos: SBool = False
     seed: SInt | None = None
     n: SInt = 1
-    frequency_penalty: Penalty = 0.0
-    presence_penalty: Penalty = 0.0
-    repetition_penalty: RepPenalty = 1.0
-    min_p: Prob = 0.0
-    min_new_tokens: Count = 0
-    json_schema: SStr | None = None
-    regex: SStr | None = None
 
     _v_max_tokens = field_validator("max_new_tokens")(_positive)
 

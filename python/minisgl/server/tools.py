@@ -1,13 +1,13 @@
-"""Structured output and tool calls of the chat API.
+"""Structured output, tool calls and reasoning in the chat API.
 
 `grammar_for` turns `response_format`, vLLM's `guided_json/regex/choice` and a forcing
 `tool_choice` into the engine's grammar spec (engine/grammar.py): a named tool's arguments
 object, or for `required` (as vLLM) a JSON array of {"name", "parameters"} calls.
 
 `ChatParser` splits a choice's text into message fields incrementally (a whole response is one
-final delta, so streaming agrees with it): reasoning (reasoning.py), then tool calls: Hermes /
-Qwen `<tool_call>{"name", "arguments"}</tool_call>` blocks for `auto` (anything else, invalid
-blocks included, stays content). A streamed call is one OpenAI-shaped delta (index, id, type,
+final delta, so streaming agrees with it): reasoning, then tool calls: Hermes / Qwen
+`<tool_call>{"name", "arguments"}</tool_call>` blocks for `auto` (anything else, invalid blocks
+included, stays content). A streamed call is one OpenAI-shaped delta (index, id, type,
 name, arguments); a named call opens with its id and name, then its arguments stream.
 """
 
@@ -19,9 +19,55 @@ import uuid
 from typing import Any
 
 from .generation import ApiError
-from .reasoning import ReasoningParser, held_tail
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+THINK, UNTHINK = "<think>", "</think>"
+
+
+def held_tail(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of `tag`."""
+    for k in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:k]):
+            return k
+    return 0
+
+
+class ReasoningParser:
+    """`--reasoning-parser qwen3`: an output that starts with `<think>` has its thinking, up to
+    `</think>`, in `reasoning_content`. A tail that could still grow into a tag waits for the
+    next delta. Without `<think>` at the start (`enable_thinking: false` closes the block in
+    the prompt) all is content; without `</think>` (cut by max_tokens) all is reasoning."""
+
+    def __init__(self) -> None:
+        self.buf, self.state = "", "start"  # start -> think -> content, or start -> content
+        self.fresh = False  # just past </think>: drop the newlines Qwen writes after it
+
+    def feed(self, delta: str, final: bool) -> tuple[str, str]:
+        """(reasoning delta, content delta) safe to emit after `delta`."""
+        self.buf += delta
+        reasoning = ""
+        if self.state == "start":
+            head = self.buf.lstrip()
+            if head.startswith(THINK):
+                self.state, self.buf = "think", head[len(THINK) :]
+            elif THINK.startswith(head) and not final:
+                return "", ""
+            else:
+                self.state = "content"
+        if self.state == "think":
+            end = self.buf.find(UNTHINK)
+            if end < 0:
+                keep = 0 if final else held_tail(self.buf, UNTHINK)
+                cut = len(self.buf) - keep
+                reasoning, self.buf = self.buf[:cut], self.buf[cut:]
+                return reasoning, ""
+            reasoning, self.buf = self.buf[:end], self.buf[end + len(UNTHINK) :]
+            self.state, self.fresh = "content", True
+        content, self.buf = self.buf, ""
+        if self.fresh:
+            content = content.lstrip("\n")
+            self.fresh = not content
+        return reasoning, content
 
 
 def _escape(s: str) -> str:  # xgrammar's regex knows no escaped space (re.escape writes one)
@@ -68,20 +114,19 @@ def tool_mode(req: Any) -> str | dict | None:
     return fn.model_dump(exclude_none=True)
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
-    fn = {"name": name, "arguments": arguments}
-    return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": fn}
+def _call(name: str, args: str) -> dict[str, Any]:
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": args}}  # fmt: skip
 
 
 def _parse_block(block: str) -> dict[str, Any] | None:
     try:
         obj = json.loads(block)
         args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(obj.get("name"), str) and isinstance(args, dict):
-            return _call(obj["name"], json.dumps(args, ensure_ascii=False))
     except (ValueError, AttributeError):
-        pass
-    return None
+        return None
+    ok = isinstance(obj.get("name"), str) and isinstance(args, dict)
+    return _call(obj["name"], json.dumps(args, ensure_ascii=False)) if ok else None
 
 
 class ChatParser:
