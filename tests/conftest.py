@@ -419,6 +419,7 @@ def mistral3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     _randomize_(model, 8)
     model.save_pretrained(str(d), safe_serialization=True)
     _train_tokenizer(d)
+    return str(d)
 
 
 # --------------------------------------------------------------------------- Qwen tokenizer
