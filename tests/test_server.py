@@ -358,7 +358,8 @@ def test_logprobs_match_engine_logits(client, llm):
             top_vals, top_ids = row.topk(3)
             got = sorted(lp["top_logprobs"][k].values(), reverse=True)
             assert all(abs(a - b) < 1e-4 for a, b in zip(got, top_vals.tolist()))
-            assert len(lp["top_logprobs"][k]) <= 3
+            # OpenAI: the sampled token is always among them (k + 1 entries at most)
+            assert len(lp["top_logprobs"][k]) <= 4 and lp["tokens"][k] in lp["top_logprobs"][k]
         assert "".join(lp["tokens"]) == out["choices"][0]["text"] or temperature > 0
     # chat format: logprobs + top_logprobs
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],

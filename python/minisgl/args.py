@@ -48,6 +48,7 @@ class ServerArgs:
     max_waiting_tokens: int = 1 << 20
     request_timeout: float = 0.0
     stall_timeout: float = 10.0
+    reasoning_parser: str | None = None
     temperature: float = 0.0  # shell sampling defaults
     max_tokens: int = 0  # 0 = fitted to the context (shell.py)
     # internal
@@ -103,6 +104,10 @@ class ServerArgs:
         need(
             self.request_timeout >= 0 and self.stall_timeout > 0,
             "--request-timeout must be >= 0 and --stall-timeout > 0",
+        )
+        need(
+            self.reasoning_parser in (None, "qwen3"),
+            f"--reasoning-parser must be qwen3, got {self.reasoning_parser!r}",
         )
         need(
             self.log_level in ("debug", "info", "warning", "error"),
@@ -166,8 +171,8 @@ _HELP = {
     "unlike --api-key, not visible in ps",
     "allowed_hosts": "comma-separated Host header names accepted, or '*' (default: loopback "
     "names when bound to loopback, else any)",
-    "allowed_origins": "comma-separated Origin values accepted from browsers, or '*' (default: "
-    "origins whose host is an allowed host)",
+    "allowed_origins": "comma-separated Origin values accepted from browsers, or '*', also "
+    "answered with CORS headers (default: origins whose host is an allowed host, no CORS)",
     "num_tokenizer": "number of tokenizer worker processes",
     "log_level": "debug, info, warning or error",
     "max_request_bytes": "largest accepted request body, in bytes",
@@ -188,7 +193,7 @@ _GROUPS = {  # --help sections, in this order; every flag is in one
     "HTTP server": ["host", "port", "api_key", "api_key_file", "allowed_hosts", "allowed_origins",
                     "num_tokenizer", "log_level", "max_request_bytes", "max_n", "max_choices",
                     "max_waiting_requests", "max_waiting_tokens", "request_timeout",
-                    "stall_timeout"],
+                    "stall_timeout", "reasoning_parser"],
     "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
 }  # fmt: skip
 ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py checks the list)
@@ -201,6 +206,7 @@ ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py ch
     "MINISGL_DEBUG_POISON=1": "debug: NaN-filled KV pool and sentinels (docs/correctness.md)",
     "MINISGL_QK_HEADS, MINISGL_QK_WARPS": "heads, warps per program of the q/k-norm+RoPE kernel",
     "MINISGL_API_KEY": "the API key, when neither --api-key nor --api-key-file is given",
+    "reasoning_parser": "qwen3: move <think>...</think> into reasoning_content (chat)",
 }
 
 

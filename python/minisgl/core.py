@@ -19,6 +19,25 @@ class SamplingParams:
     seed: int | None = None
     # number of top alternatives to report with each token's logprob; -1 = no logprobs
     logprobs: int = -1
+    # vLLM's semantics: presence/frequency over the output tokens, repetition over prompt +
+    # output (divides positive logits, multiplies negative ones), min_p relative to the most
+    # likely token, logit_bias added to the logits, min_tokens bans EOS/stop tokens until then
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    # structured output: [kind, spec] with kind "json" (a JSON schema) or "regex"
+    grammar: list[str] | None = None
+
+    @property
+    def needs_processing(self) -> bool:
+        """Whether the logits need more than temperature / top-k / top-p before sampling."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.min_p or self.logit_bias or self.min_tokens or self.grammar
+        )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.validate()
@@ -48,6 +67,27 @@ class SamplingParams:
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, int) or not (-1 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [-1, 20], got {self.logprobs!r}")
+        for name, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                             ("repetition_penalty", 0, 2), ("min_p", 0, 1)):  # fmt: skip
+            v = getattr(self, name)
+            if (
+                not isinstance(v, int | float)
+                or isinstance(v, bool)
+                or not lo <= v <= hi
+                or (name == "repetition_penalty" and v == 0)
+            ):
+                raise bad(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        lb, g = self.logit_bias or {}, self.grammar
+        if not isinstance(lb, dict) or not all(
+            isinstance(k, int) and k >= 0 and isinstance(v, int | float) and -100 <= v <= 100
+            for k, v in lb.items()
+        ):
+            raise bad("logit_bias must map token ids to numbers in [-100, 100]")
+        if g is not None and not (isinstance(g, list) and len(g) == 2 and g[0] in ("json", "regex")
+                                  and isinstance(g[1], str)):  # fmt: skip
+            raise bad(f"grammar must be ['json' | 'regex', spec], got {g!r}")
 
 
 class FinishReason(str, Enum):
@@ -77,6 +117,7 @@ class Req:
     cache_handle: Any = None
     finished: bool = False
     finish_reason: FinishReason | None = None
+    grammar: Any = None  # Future of the compiled grammar of params.grammar
 
     def __post_init__(self) -> None:
         self.prompt_len = self.prompt_len or len(self.token_ids)

@@ -44,6 +44,7 @@ class LLM:
         self.engine = Engine(self.args)
         self.tokenizer = load_tokenizer(self.engine.model_path, self.args.chat_template)
         self._outputs: dict[int, list[int]] = {}
+        self._logprobs: dict[int, list] = {}
         self._done: set[int] = set()
         self._errors: dict[int, str] = {}
         self.scheduler = Scheduler(self.engine, self.args, self._collect)
@@ -70,8 +71,10 @@ class LLM:
             self._errors[msg.uid] = msg.message
             self._done.add(msg.uid)
             return
-        for uid, tok, fin in zip(msg.uids, msg.tokens, msg.finished):
+        for i, (uid, tok, fin) in enumerate(zip(msg.uids, msg.tokens, msg.finished)):
             self._outputs[uid].append(tok)
+            if msg.logprobs[i] is not None:
+                self._logprobs[uid].append(msg.logprobs[i])
             if fin is not None:
                 self._done.add(uid)
 
@@ -115,8 +118,8 @@ class LLM:
         uids = []
         for prompt, p in zip(prompts, params):
             uid = next(self._uids)
-            self._outputs[uid] = []
-            err = self.scheduler.add(uid, self._encode(prompt), p)
+            self._outputs[uid], self._logprobs[uid] = [], []
+            err = _grammar_error(p) or self.scheduler.add(uid, self._encode(prompt), p)
             if err is not None:
                 for u in uids:
                     self.scheduler.abort(u)
@@ -143,14 +146,15 @@ class LLM:
         if errors:
             for u in uids:
                 self._outputs.pop(u, None)
+                self._logprobs.pop(u, None)
                 self._done.discard(u)
             raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
         results = []
-        for u in uids:
-            ids = self._outputs.pop(u)
+        for u, p in zip(uids, params):
+            ids, lps = self._outputs.pop(u), self._logprobs.pop(u)
             self._done.discard(u)
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            results.append({"text": text, "token_ids": ids})
+            results.append({"text": text, "token_ids": ids, **_lp_field(p, lps)})
         return results
 
     def _generate_tp(
@@ -167,6 +171,7 @@ class LLM:
         uids = [c.submit(p if isinstance(p, str) else list(p), dataclasses.asdict(sp))
                 for p, sp in zip(prompts, params)]  # fmt: skip
         outputs: dict[int, list[int]] = {u: [] for u in uids}
+        lps: dict[int, list] = {u: [] for u in uids}
         pending = set(uids)
         bar = tqdm(total=len(uids), desc="Generating", disable=not use_tqdm, unit="req")
         start, toks = time.perf_counter(), 0
@@ -180,6 +185,7 @@ class LLM:
                     c.done(msg.uid)
                     raise ValueError(msg.message)
                 outputs[msg.uid] += msg.token_ids
+                lps[msg.uid] += [[e[1], [[i, v] for i, _, v in e[2]]] for e in msg.logprobs if e]
                 toks += len(msg.token_ids)
                 if msg.finished is not None:
                     pending.discard(msg.uid)
@@ -193,10 +199,10 @@ class LLM:
             for u in pending:  # an error or an interrupt: drop the rest of the batch
                 c.abort(u)
         results = []
-        for u in uids:
+        for u, p in zip(uids, params):
             ids = outputs[u]
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            results.append({"text": text, "token_ids": ids})
+            results.append({"text": text, "token_ids": ids, **_lp_field(p, lps[u])})
         return results
 
     @torch.inference_mode()
@@ -235,3 +241,14 @@ class LLM:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _lp_field(p: SamplingParams, lps: list) -> dict[str, object]:
+    """With `logprobs=k`: per output token [logprob, [[id, logprob] x k]] (raw model logits)."""
+    return {"logprobs": lps} if p.logprobs >= 0 else {}
+
+
+def _grammar_error(p: SamplingParams) -> str | None:
+    from .engine.grammar import check_grammar
+
+    return None if p.grammar is None else check_grammar(p.grammar)

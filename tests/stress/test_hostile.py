@@ -139,8 +139,12 @@ COMPLETION_FIELDS = {
     "logprobs": NOT_INT | st.integers(min_value=21) | st.integers(max_value=-1),
     "stop_token_ids": st.lists(st.integers(min_value=512) | st.integers(max_value=-1), min_size=1, max_size=3) | NOT_INT.filter(lambda v: not isinstance(v, list)),
     "model": NOT_STR | st.text(min_size=1).filter(lambda s: s != "stories260K"),
-    "frequency_penalty": st.floats(min_value=0.01, max_value=2) | st.text(),
-    "presence_penalty": st.floats(max_value=-0.01, min_value=-2) | st.text(),
+    "frequency_penalty": st.floats(min_value=2.01, max_value=1e6) | st.text(),
+    "presence_penalty": st.floats(max_value=-2.01, min_value=-1e6) | st.text(),
+    "repetition_penalty": st.floats(max_value=0) | st.floats(min_value=2.01, allow_infinity=False),
+    "min_p": st.floats(max_value=-1e-9) | st.floats(min_value=1.0001, allow_infinity=False),
+    "logit_bias": st.dictionaries(st.text(min_size=1).filter(lambda k: not k.isdigit()), st.floats(-1, 1), min_size=1) | st.integers() | st.text(),
+    "response_format": st.integers() | st.text() | st.just({"type": "json_schema"}) | st.just({"type": "xml"}),
 }  # fmt: skip
 CHAT_FIELDS = {
     "messages": NOT_STR

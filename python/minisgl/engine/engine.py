@@ -109,7 +109,7 @@ class Engine:
             args.attn, self.device, self.pool, self.slots,
             self.cfg.num_heads // self.tp.size, kv_heads, self.cfg.head_dim,
         )  # fmt: skip
-        self.sampler = Sampler(self.device, args.seed + 1)
+        self.sampler = Sampler(self.device, args.seed + 1, self.cfg.eos_token_ids)
         self._sinfo: SamplingInfo | None = None
         self._sinfo_key: tuple = ()
         self.graphs = None
@@ -214,7 +214,8 @@ class Engine:
         logits, tokens = self.graphs.run(batch, info)
         if all_logits:
             return StepOutput(batch, logits, None, None)
-        if tokens is None:  # sampled outside the graph (top-k/top-p rows, or no Triton)
+        # sampled outside the graph: top-k/top-p rows, logits processing (logits.py), no Triton
+        if tokens is None or info.needs_processing:
             return self._sample(batch, self.graphs.rows[: batch.size], logits)
         self._watch(logits)
         if info.logprob_rows:

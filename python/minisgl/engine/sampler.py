@@ -11,6 +11,7 @@ import torch
 from ..core import Req
 from ..kernel import triton_ops
 from ..utils import h2d
+from .logits import LogitsProcessor
 
 
 def top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,8 @@ class SamplingInfo:
     needs_filter: bool
     all_greedy: bool
     logprob_rows: list[tuple[int, int]] = field(default_factory=list)  # (row, top-n)
+    reqs: list[Req] = field(default_factory=list)
+    needs_processing: bool = False  # a row has penalties, min_p, logit_bias, ... (logits.py)
 
     @classmethod
     def build(cls, reqs: list[Req], positions: list[int], device: str) -> SamplingInfo:
@@ -85,6 +88,8 @@ class SamplingInfo:
             needs_filter=any(p.top_k > 1 or p.top_p < 1.0 for p in ps),
             all_greedy=all(t == 0 for t in temps),
             logprob_rows=[(i, p.logprobs) for i, p in enumerate(ps) if p.logprobs >= 0],
+            reqs=list(reqs),
+            needs_processing=any(p.needs_processing for p in ps),
         )
 
     @functools.cached_property
@@ -120,10 +125,18 @@ def _mix(seed: int, step: int) -> int:
 
 
 class Sampler:
-    def __init__(self, device: str, seed: int) -> None:
+    def __init__(self, device: str, seed: int, stop_ids: list[int] | tuple = ()) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.processor = LogitsProcessor(device, list(stop_ids))
 
     def __call__(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
+        if not info.needs_processing:
+            return self._sample(logits, info)
+        tokens = self._sample(self.processor.apply(logits, info.reqs, info.temps_host), info)
+        self.processor.update(tokens)
+        return tokens
+
+    def _sample(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         if info.all_greedy:
             return logits.argmax(dim=-1)
         if triton_ops.available(logits):

@@ -42,6 +42,7 @@ class Scheduler:
         self.eos = set(engine.cfg.eos_token_ids)
         self.vocab = engine.cfg.vocab_size
         self.debug_checks = False  # tests turn on the invariant check after every step
+        self.grammars = None  # GrammarCompiler, made for the first request with a grammar
         self.counters = dict(prefix_hit_tokens=0, prefill_tokens=0, decode_tokens=0, retracted=0)
 
     # -- requests in ----------------------------------------------------------------------
@@ -60,6 +61,9 @@ class Scheduler:
             )
         if total > self.engine.max_tokens_in_pool:
             return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
+        ids = [*(params.logit_bias or {}), *params.stop_token_ids]
+        if ids and max(ids) >= vocab:
+            return f"logit_bias and stop_token_ids must be token ids in [0, {vocab})"
         return None
 
     def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
@@ -68,6 +72,13 @@ class Scheduler:
             if uid in self.reqs:
                 return f"duplicate request id {uid}"
             req = Req(uid, list(input_ids), params)
+            if params.grammar is not None:
+                from ..engine.grammar import GrammarCompiler
+
+                self.grammars = self.grammars or GrammarCompiler(self.engine)
+                req.grammar = self.grammars.submit(params.grammar)
+                if self.engine.tp.size > 1:  # every rank admits it in the same step
+                    req.grammar.exception()
             self.reqs[uid] = req
             self.waiting.append(req)
             self.waiting_tokens += len(req.token_ids)
@@ -138,6 +149,12 @@ class Scheduler:
             req = self.waiting[0]
             if req.device_len > len(req.token_ids):
                 break  # a retracted request whose last token is still in flight
+            if req.grammar is not None and not req.grammar.done():
+                break  # its grammar is still compiling (engine/grammar.py)
+            if req.grammar is not None and req.grammar.exception() is not None:
+                self._finish(req, FinishReason.ABORT)
+                self.on_output(ErrorOut(req.uid, f"grammar: {req.grammar.exception()}", 400))
+                continue
             if not self.mem.admit(req, budget, reserve=len(self.running)):
                 break
             self.waiting.popleft()

@@ -1,4 +1,5 @@
-"""FastAPI app: OpenAI-compatible routes, native /generate, /health, /metrics.
+"""FastAPI app: OpenAI-compatible routes, native /generate, /tokenize,
+/detokenize, /health, /metrics.
 
 Every error, including those of the HTTP layer itself (unknown route or method, unparsable
 HTTP, Host / Origin / Content-Type refusals), has the OpenAI shape {"error": {...}}.
@@ -7,9 +8,11 @@ HTTP, Host / Origin / Content-Type refusals), has the OpenAI shape {"error": {..
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
-import json
 import logging
+import re
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from minisgl.args import ServerArgs
 from minisgl.messages import STALL_S
@@ -27,10 +31,12 @@ from . import router_api
 from .bridge import Bridge
 from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
+from .info_routes import add_info_routes, chat_payload
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from .responses import Formatter, error_body, native_item, native_stream
 from .tokenizer import NO_TEMPLATE
+from .tools import ChatParser, grammar_for, tool_mode
 
 logger = logging.getLogger("minisgl.server")
 
@@ -40,6 +46,8 @@ ROUTES = (
     "/v1/chat/completions",
     "/v1/models",
     "/generate",
+    "/tokenize",
+    "/detokenize",
     "/health",
     "/metrics",
     *router_api.ROUTES,
@@ -88,10 +96,15 @@ class Guard:
         path = scope["path"]
         route = path if path in ROUTES else "other"
         status_box = [500]
+        rid = dict(scope.get("headers") or []).get(b"x-request-id", b"")
+        if not re.fullmatch(rb"[\x21-\x7e]{1,128}", rid):  # echoed when sane, else made up
+            rid = uuid.uuid4().hex.encode()
 
         async def send_wrapper(message: dict) -> None:
             if message["type"] == "http.response.start":
                 status_box[0] = message["status"]
+                headers = [*message.get("headers", []), (b"x-request-id", rid)]
+                message = {**message, "headers": headers}
             try:
                 async with asyncio.timeout(self.args.stall_timeout):
                     await send(message)
@@ -159,7 +172,7 @@ class Guard:
         await self.app(scope, replay, send)
 
 
-def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
+def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
     metrics = bridge.metrics if bridge is not None else Metrics()
     bridge = bridge or Bridge(args, metrics)
     name = args.model_name
@@ -173,6 +186,8 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
 
     app = FastAPI(title="minisgl", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.bridge = bridge
+    keys = (name, args.dtype, args.tp, args.seed, args.cache, args.page_size, args.attn)
+    fingerprint = "fp_" + hashlib.sha256(repr(keys).encode()).hexdigest()[:10]
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -211,10 +226,14 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
                     400, f"{what}: token id {i} is outside the vocabulary [0, {vocab})", what
                 )
 
-    def sampling(req: Any, max_tokens: int | None, logprobs: int | None, n: int) -> list[dict]:
+    def sampling(
+        req: Any, max_tokens: int | None, logprobs: int | None, n: int, grammar: Any = None
+    ) -> list[dict]:
         if n > args.max_n:
             raise ApiError(400, f"n must be at most {args.max_n}, got {n}", "n")
         check_ids(req.stop_token_ids or [], "stop_token_ids")
+        bias = {int(k): float(v) for k, v in (getattr(req, "logit_bias", None) or {}).items()}
+        check_ids(list(bias), "logit_bias")
         top_k = req.top_k if req.top_k not in (None, 0) else -1
         if top_k >= bridge.vocab_size:
             top_k = -1
@@ -227,6 +246,14 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
             "stop_token_ids": list(req.stop_token_ids or []),
             "seed": None,
             "logprobs": -1 if logprobs is None else logprobs,
+            # OpenAI-route fields (the native view has none of them)
+            "presence_penalty": getattr(req, "presence_penalty", None) or 0.0,
+            "frequency_penalty": getattr(req, "frequency_penalty", None) or 0.0,
+            "repetition_penalty": getattr(req, "repetition_penalty", None) or 1.0,
+            "min_p": getattr(req, "min_p", None) or 0.0,
+            "min_tokens": getattr(req, "min_tokens", 0),
+            "logit_bias": bias or None,
+            "grammar": grammar,
         }
         out = []
         for i in range(n):  # choice i uses seed + i: different but reproducible
@@ -268,14 +295,9 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        card = {"id": name, "object": "model", "created": 0, "owned_by": "minisgl"}
-        if bridge.max_seq_len:
-            card["max_model_len"] = bridge.max_seq_len
-        return JSONResponse({"object": "list", "data": [card]})
-
     schema = {"application/json": {"schema": {"type": "object"}}}
+
+    add_info_routes(app, args, bridge, parse, (require_ready, check_model, check_ids))
 
     @app.post(
         "/v1/completions", openapi_extra={"requestBody": {"content": schema, "required": True}}
@@ -290,12 +312,13 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         for p in prompts:
             if isinstance(p, list):
                 check_ids(p, "prompt")
-        params = sampling(req, req.max_tokens, req.logprobs, req.n)
+        params = sampling(req, req.max_tokens, req.logprobs, req.n, grammar_for(req, False))
         gen = Generation(bridge)
         for pi, p in enumerate(prompts):
             for ps in params:
                 gen.add(pi, p, ps, req.stop, chat=False)
-        fmt = Formatter("completion", name, req.logprobs is not None, _usage(req))
+        fmt = Formatter("completion", name, req.logprobs is not None, *_usage(req),
+                        fingerprint=fingerprint)  # fmt: skip
         stream = fmt.stream(gen) if req.stream else None
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
@@ -310,20 +333,17 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         if not info.get("has_chat_template", True):
             no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
             raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
-        try:
-            messages = [m.render() for m in req.messages]
-        except ValueError as e:
-            raise ApiError(400, str(e), "messages") from None
+        payload = chat_payload(req)
         top = req.top_logprobs if req.top_logprobs is not None else 0
         max_tokens = req.max_completion_tokens or req.max_tokens
-        params = sampling(req, max_tokens, top if req.logprobs else None, req.n)
-        payload = json.dumps(
-            {"messages": messages, "add_generation_prompt": req.add_generation_prompt}
-        )
+        grammar = grammar_for(req, True)
+        params = sampling(req, max_tokens, top if req.logprobs else None, req.n, grammar)
         gen = Generation(bridge)
         for ps in params:
             gen.add(0, payload, ps, req.stop, chat=True)
-        fmt = Formatter("chat", name, req.logprobs, _usage(req))
+        mode, think = tool_mode(req), args.reasoning_parser == "qwen3"
+        fmt = Formatter("chat", name, req.logprobs, *_usage(req), fingerprint=fingerprint,
+                        parser=lambda: ChatParser(think, mode, req.parallel_tool_calls))  # fmt: skip
         stream = fmt.stream(gen) if req.stream else None
         return await respond(gen, request, stream, lambda: fmt.full(gen))
 
@@ -356,7 +376,12 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> FastAPI:
         return await respond(gen, request, stream, full)
 
     router_api.add_router_routes(app, args, bridge, require_ready)
-    return Guard(app, args, metrics)  # type: ignore[return-value]
+    asgi: Any = Guard(app, args, metrics)
+    if args.allowed_origins:  # outermost: preflights are answered before the API-key check
+        origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
+        asgi = CORSMiddleware(asgi, allow_origins=origins, allow_methods=["*"],
+                              allow_headers=["*"], expose_headers=["x-request-id"])  # fmt: skip
+    return asgi
 
 
 class _NativeView:
@@ -370,5 +395,6 @@ class _NativeView:
         self.stop_token_ids = sp.stop_token_ids
 
 
-def _usage(req: Any) -> bool:
-    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+def _usage(req: Any) -> tuple[bool, bool]:
+    so = req.stream_options
+    return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)

@@ -174,12 +174,12 @@ class Bridge:
         self.metrics.running.inc()
         return h
 
-    def abort(self, h: ReqHandle) -> None:
-        """Drop a request that is still running (client gone, stop string hit)."""
+    def abort(self, h: ReqHandle, reason: str = "abort") -> None:
+        """Drop a request that is still running (client gone; reason "stop": a stop string)."""
         if self.reqs.pop(h.uid, None) is None:
             return
         self.metrics.running.dec()
-        self.metrics.finished.labels("abort").inc()
+        self.metrics.finished.labels(reason).inc()
         if self.dead is None:
             self.tok_push[h.worker].send(encode(AbortReq(h.uid)))
             self.detok_push.send(encode(AbortReq(h.uid)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -86,12 +87,16 @@ class Choice:
     finish_reason: str | None = None
     prompt_len: int = 0
     cached: int = 0
+    _lp_start: list[int] = field(default_factory=list)  # per logprob entry: len(text) before it
+    _lp_sent: int = 0
 
     def feed(self, msg: TextOut) -> tuple[str, list[Any]]:
-        """Take one TextOut; return (text delta safe to emit now, new logprob entries)."""
+        """Take one TextOut; return (text delta safe to emit now, logprob entries of the text
+        emitted so far: those of a stop string and of an EOS that adds no text never are)."""
         self.token_ids += msg.token_ids
         new_lps = [lp for lp in msg.logprobs if lp is not None]
         self.logprobs += new_lps
+        self._lp_start += [len(self.text)] * len(new_lps)
         self.prompt_len, self.cached = msg.prompt_len, msg.cached
         base = len(self.text)
         self.text += msg.text
@@ -100,12 +105,18 @@ class Choice:
         if hit >= 0:
             self.text = self.text[:hit]
             self.finish_reason, done = "stop", True
+            del self.logprobs[bisect_left(self._lp_start, hit) :]
         if msg.finished is not None and self.finish_reason is None:
             self.finish_reason = msg.finished
+            last = self.logprobs[-1][0] if msg.finished == "stop" and self.logprobs else None
+            if last is not None and not (last and self.text.endswith(last)):
+                self.logprobs.pop()  # the stop token's text is not in the output
         end = len(self.text) if done else len(self.text) - self.stop.holdback
         delta = self.text[self.sent : max(end, self.sent)]
         self.sent = max(end, self.sent)
-        return delta, new_lps
+        n = len(self.logprobs) if done else bisect_left(self._lp_start, self.sent)
+        lps, self._lp_sent = self.logprobs[self._lp_sent : n], max(n, self._lp_sent)
+        return delta, lps
 
     @property
     def done(self) -> bool:
@@ -202,7 +213,7 @@ class Generation:
             raise ApiError(msg.status, msg.message)
         delta, lps = c.feed(msg)
         if c.done:
-            self.bridge.abort(self.handles[index])  # no-op unless a stop string hit
+            self.bridge.abort(self.handles[index], "stop")  # no-op unless a stop string hit
             self._active -= 1
             self._submit()
         return Event(c, delta, lps, c.done)

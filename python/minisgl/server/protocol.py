@@ -8,6 +8,7 @@ Checks that need the model (context length, vocabulary size) happen later, in th
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
@@ -16,6 +17,12 @@ SInt = Annotated[int, Strict()]
 SFloat = Annotated[float, Strict()]
 SBool = Annotated[bool, Strict()]
 SStr = Annotated[str, Strict()]
+Penalty = Annotated[float, Strict(), Field(ge=-2, le=2)]
+RepPenalty = Annotated[float, Strict(), Field(gt=0, le=2)]
+Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
+Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[str, Strict(), Field(pattern=r"^[0-9]{1,10}$")]  # a JSON key: a string
+Bias = Annotated[float, Strict(), Field(ge=-100, le=100)]
 
 MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
 MAX_STOP = 16  # stop strings per request
@@ -25,6 +32,24 @@ MAX_TOP_LOGPROBS = 20
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+class JsonSchemaFormat(_Strict):
+    name: SStr = "response"
+    description: SStr | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: SBool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with (and only with) type 'json_schema'")
+        return self
 
 
 class StreamOptions(_Strict):
@@ -83,12 +108,6 @@ def _seed(cls: Any, v: int | None) -> int | None:
     return v
 
 
-def _no_penalty(cls: Any, v: float | None) -> float | None:
-    if v not in (None, 0, 0.0):
-        raise ValueError("penalties are not supported (only 0)")
-    return v
-
-
 def _top_logprobs(cls: Any, v: int | None) -> int | None:
     if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
         raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
@@ -124,15 +143,32 @@ class _Sampling(_SamplingChecks):
     ignore_eos: SBool = False
     seed: SInt | None = None
     user: SStr | None = None
-    frequency_penalty: SFloat | None = None
-    presence_penalty: SFloat | None = None
-    # SGLang's fields that sglang-router writes into every request, at how minisgl behaves
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    repetition_penalty: RepPenalty | None = None
+    min_p: Prob | None = None
+    min_tokens: Count = 0
+    logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=1024)
+    response_format: ResponseFormat | None = None
+    guided_json: SStr | dict[str, Any] | None = None
+    guided_regex: SStr | None = None
+    guided_choice: list[SStr] | None = Field(default=None, min_length=1)
+    # accepted, changing nothing (docs/server.md says why)
+    store: SBool | None = None
+    metadata: dict[SStr, SStr] | None = None
+    service_tier: SStr | None = None
+    # SGLang's router sends these: accepted only with the value this server implements
     no_stop_trim: Literal[False] = False
     skip_special_tokens: Literal[True] = True
     return_hidden_states: Literal[False] = False
 
     _v_max_tokens = field_validator("max_tokens")(_positive)
-    _v_penalty = field_validator("frequency_penalty", "presence_penalty")(_no_penalty)
+
+    @model_validator(mode="after")
+    def _stream_options(self) -> Any:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
 
 class CompletionRequest(_Sampling):
@@ -184,6 +220,8 @@ class ChatMessage(BaseModel):
     role: SStr
     content: SStr | list[ContentPart] | None = None
     name: SStr | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: SStr | None = None
 
     def render(self) -> dict[str, Any]:
         c = self.content
@@ -192,32 +230,80 @@ class ChatMessage(BaseModel):
                 raise ValueError("only text content parts are supported")
             c = "".join(p.text or "" for p in c)
         msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
-        if self.name is not None:
-            msg["name"] = self.name
+        for k in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, k) is not None:
+                msg[k] = getattr(self, k)
         return msg
 
 
-class ChatCompletionRequest(_Sampling):
+class Function(_Strict):
+    name: SStr = Field(min_length=1, max_length=64)
+    description: SStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: SBool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: Function  # its name
+
+
+class _ChatInput(_Strict):
+    """What the tokenizer worker's chat template renders (chat completions and /tokenize)."""
+
+    messages: Any = None
+    add_generation_prompt: SBool = True
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _kwargs(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
+        if set(v or {}) & reserved:
+            raise ValueError(f"cannot set {sorted(reserved)}")
+        return v
+
+    def payload(self) -> str:
+        """The worker's JSON payload (ValueError: a message it cannot render)."""
+        tools = [t.model_dump(exclude_none=True) for t in self.tools or []] or None
+        return json.dumps({"messages": [m.render() for m in self.messages], "tools": tools,
+                           "add_generation_prompt": self.add_generation_prompt,
+                           "kwargs": self.chat_template_kwargs or {}})  # fmt: skip
+
+
+class ChatCompletionRequest(_Sampling, _ChatInput):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: SInt | None = None
     logprobs: SBool = False
     top_logprobs: SInt | None = None
     add_generation_prompt: SBool = True
-    response_format: dict[str, Any] | None = None
     continue_final_message: Literal[False] = False
-    # SGLang's: they act only with a reasoning parser, and minisgl has none (nothing to split)
-    separate_reasoning: SBool = True
-    stream_reasoning: SBool = True
+    # SGLang's: accepted at the behaviour implemented (--reasoning-parser splits, streamed too)
+    separate_reasoning: Literal[True] = True
+    stream_reasoning: Literal[True] = True
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: SBool = True
 
     _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
     _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
 
-    @field_validator("response_format")
-    @classmethod
-    def _format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError("only response_format {'type': 'text'} is supported")
-        return v
+    @model_validator(mode="after")
+    def _checks(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in [t.function.name for t in self.tools or []]:
+                raise ValueError(f"tool_choice names {name!r}, which is not in tools")
+        return self
 
 
 class NativeSamplingParams(_SamplingChecks):
@@ -261,3 +347,24 @@ class GenerateRequest(_Strict):
         if not 0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
         return self
+
+
+class TokenizeRequest(_ChatInput):
+    """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered by the chat template."""
+
+    model: SStr | None = None
+    prompt: SStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: SBool = True
+    return_token_strs: SBool = False
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    model: SStr | None = None
+    tokens: list[SInt]

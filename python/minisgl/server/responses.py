@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .generation import ApiError, Choice, Generation
+from .tools import ChatParser
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -54,26 +55,46 @@ def completion_logprobs(entries: list[Any], offset: int) -> dict[str, Any]:
     for text, lp, top in entries:
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
-        out["top_logprobs"].append({t: v for _, t, v in top})
+        alts = {t: v for _, t, v in top}
+        alts.setdefault(text, lp)  # OpenAI: the sampled token is always there (k + 1 at most)
+        out["top_logprobs"].append(alts)
         out["text_offset"].append(offset)
         offset += len(text)
     return out
 
 
 class Formatter:
-    """Builds the OpenAI bodies of one request (`kind` is "completion" or "chat")."""
+    """Builds the OpenAI bodies of one request (`kind` is "completion" or "chat"). A chat's
+    `parser` makes each choice's ChatParser (reasoning, tool calls: tools.py)."""
 
-    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False):
+    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False,
+                 continuous_usage: bool = False, parser: Callable[[], ChatParser] | None = None,
+                 fingerprint: str = "") -> None:  # fmt: skip
         self.kind, self.model = kind, model
         self.want_logprobs = want_logprobs
-        self.include_usage = include_usage
+        self.include_usage, self.continuous_usage = include_usage, continuous_usage
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.fingerprint = fingerprint
+        self.parser = parser or (lambda: ChatParser(False, None))
+        self._parsers: dict[int, ChatParser] = {}
         self._offsets: dict[int, int] = {}
         self._started: set[int] = set()
 
     def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
+
+    def _parse(self, c: Choice, text: str, final: bool) -> dict[str, Any]:
+        if c.index not in self._parsers:
+            self._parsers[c.index] = self.parser()
+        return self._parsers[c.index].feed(text, final)
+
+    def _finish(self, c: Choice) -> str | None:
+        """ "tool_calls" when a choice that stopped by itself called tools (as OpenAI)."""
+        p = self._parsers.get(c.index)
+        called = p is not None and p.calls and not isinstance(p.mode, dict)
+        return "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
 
     def _logprobs(self, c: Choice, entries: list[Any]) -> dict[str, Any] | None:
         if not self.want_logprobs:
@@ -89,15 +110,15 @@ class Formatter:
         for c in gen.choices:
             lp = self._logprobs(c, c.logprobs)
             if self.kind == "chat":
-                msg = {"role": "assistant", "content": c.text}
+                parts = self._parse(c, c.text, True)
+                calls = self._parsers[c.index].calls
+                msg = {"role": "assistant", "content": parts.get("content", None if calls else "")}
+                msg.update({k: v for k, v in parts.items() if k == "reasoning_content"})
+                msg.update({"tool_calls": calls} if calls else {})
                 choices.append(
-                    {
-                        "index": c.index,
-                        "message": msg,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
+                    {"index": c.index, "message": msg, "logprobs": lp,
+                     "finish_reason": self._finish(c)}
+                )  # fmt: skip
             else:
                 choices.append(
                     {
@@ -121,17 +142,18 @@ class Formatter:
                 choice: dict[str, Any] = {"index": c.index}
                 if self.kind == "chat":
                     self._started.add(c.index)
-                    delta: dict[str, Any] = {"role": "assistant"} if first else {}
-                    if ev.delta or first:
-                        delta["content"] = ev.delta
+                    delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                    delta.update(self._parse(c, ev.delta, ev.finished))
+                    if not (delta or ev.finished or ev.logprobs):
+                        continue  # held back by a parser
                     choice["delta"] = delta
                 else:
                     choice["text"] = ev.delta
                 choice["logprobs"] = self._logprobs(c, ev.logprobs)
-                choice["finish_reason"] = c.finish_reason if ev.finished else None
+                choice["finish_reason"] = self._finish(c) if ev.finished else None
                 chunk = {**self._head(obj), "choices": [choice]}
-                if self.include_usage:
-                    chunk["usage"] = None
+                if self.include_usage or self.continuous_usage:
+                    chunk["usage"] = gen.usage() if self.continuous_usage else None
                 yield sse(chunk)
             if self.include_usage:
                 yield sse({**self._head(obj), "choices": [], "usage": gen.usage()})

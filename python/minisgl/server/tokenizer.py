@@ -90,14 +90,27 @@ class TokenizerWorker:
             SamplingParams(**params)
         except (TypeError, ValueError) as e:
             raise _Reject(str(e)) from None
+        if params.get("grammar"):  # a bad schema is a 400 here, off the scheduler's path
+            from minisgl.engine.grammar import check_grammar
+
+            err = (
+                check_grammar(params["grammar"])
+                if self.tok
+                else "structured output needs a tokenizer"
+            )
+            if err:
+                raise _Reject(err)
         return UserReq(req.uid, ids, params)
 
     def _tokenize(self, req: TokenizeReq) -> list[int]:
+        return self.tokenize(req.text or "", req.chat)
+
+    def tokenize(self, text: str, chat: bool, add_special: bool = True) -> list[int]:
+        """Token ids of a text prompt, or of chat messages (a JSON payload: messages, tools,
+        add_generation_prompt, kwargs for the template) rendered by the chat template."""
         if self.tok is None:
             raise _Reject("this model has no tokenizer: send token ids instead of text")
-        text = req.text or ""
-        add_special = True
-        if req.chat:
+        if chat:
             if not self.has_chat_template:
                 raise _Reject(NO_TEMPLATE)
             payload = json.loads(text)
@@ -107,8 +120,10 @@ class TokenizerWorker:
             try:
                 text = self.tok.apply_chat_template(
                     payload["messages"],
+                    tools=payload.get("tools"),
                     tokenize=False,
                     add_generation_prompt=payload.get("add_generation_prompt", True),
+                    **payload.get("kwargs", {}),
                 )
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
