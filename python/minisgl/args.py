@@ -184,6 +184,7 @@ _HELP = {
     "stall_timeout": "seconds a client may read nothing of its response before it is aborted",
     "temperature": "sampling temperature of the answers",
     "max_tokens": "max new tokens per answer; 0 = a quarter of the context, at most 512",
+    "reasoning_parser": "qwen3: move <think>...</think> into reasoning_content (chat)",
 }
 _GROUPS = {  # --help sections, in this order; every flag is in one
     "model": ["model", "served_model_name", "chat_template", "dtype", "dummy_weight", "seed"],
@@ -206,7 +207,6 @@ ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py ch
     "MINISGL_DEBUG_POISON=1": "debug: NaN-filled KV pool and sentinels (docs/correctness.md)",
     "MINISGL_QK_HEADS, MINISGL_QK_WARPS": "heads, warps per program of the q/k-norm+RoPE kernel",
     "MINISGL_API_KEY": "the API key, when neither --api-key nor --api-key-file is given",
-    "reasoning_parser": "qwen3: move <think>...</think> into reasoning_content (chat)",
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import threading
 from typing import Any
 
 from minisgl.core import SamplingParams
@@ -114,9 +115,13 @@ class TokenizerWorker:
             if not self.has_chat_template:
                 raise _Reject(NO_TEMPLATE)
             payload = json.loads(text)
-            signal.signal(signal.SIGALRM, _render_timeout)
-            # again every 0.5 s, in case the template swallows the first one
-            signal.setitimer(signal.ITIMER_REAL, RENDER_TIMEOUT_S, 0.5)
+            # the timer needs the main thread (the tokenizer worker); the API process's
+            # /tokenize renders on a thread, where a template loop only costs that thread
+            timed = threading.current_thread() is threading.main_thread()
+            if timed:
+                signal.signal(signal.SIGALRM, _render_timeout)
+                # again every 0.5 s, in case the template swallows the first one
+                signal.setitimer(signal.ITIMER_REAL, RENDER_TIMEOUT_S, 0.5)
             try:
                 text = self.tok.apply_chat_template(
                     payload["messages"],
@@ -126,7 +131,8 @@ class TokenizerWorker:
                     **payload.get("kwargs", {}),
                 )
             finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+                if timed:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
             add_special = False  # the template writes BOS itself when the model wants one
         if len(text) > self.max_chars:
             raise _Reject(
