@@ -190,7 +190,10 @@ def test_stalled_readers(tmp_path_factory, small_llama_dir):
             rss.append(s.rss_mb())
             waves.append(f"engine idle {t_idle:.1f} s after they connected, {gen:.0f} of 200000 "
                          f"tokens generated, 100/100 closed, probe {probe:.2f} s")  # fmt: skip
-        assert rss[1] < rss[0] + 200 and rss[3] < rss[2] + 40, rss
+        # the first wave's growth is what --stall-timeout seconds of output buffer, so it scales
+        # with the machine's speed (+130 MB on two loaded cores, +203 MB on two idle ones); the
+        # property is the plateau: later waves reuse it instead of adding to it
+        assert rss[1] < rss[0] + 300 and rss[3] < rss[2] + 40, rss
     finally:
         s.stop()
     print(
