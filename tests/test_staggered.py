@@ -57,3 +57,18 @@ def test_scheduler_fails_only_the_request_with_a_bad_id(
     assert [(e.uid, e.status) for e in errors] == [(hits[0], 500)]
     assert all(0 <= t < 384 for t in tokens) and len(tokens) == 6 + 1  # the other + the first
     assert not sched.reqs and not sched.running
+
+
+def test_warmup_leaves_no_trace(llama_gqa_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-ready warm-up (run on GPUs) sends nothing out, frees every page, resets the
+    counters, and the engine serves the same greedy tokens afterwards."""
+    llm = _llm(llama_gqa_dir, monkeypatch, True)
+    load = make_load(30, 384, seed=2)
+    before = run_load(llm, load)
+    sched, got = llm.scheduler, []
+    emit, sched.on_output = sched.on_output, got.append
+    assert sched.warmup() > 0
+    sched.on_output = emit
+    assert got == [] and not sched.busy and not any(sched.counters.values())
+    assert sched.mem.pages.num_free == sched.mem.pages.num_pages
+    assert run_load(llm, load) == before

@@ -50,8 +50,7 @@ class LLM:
         self.scheduler = Scheduler(self.engine, self.args, self._collect)
         self._uids = itertools.count()
         if self.engine.device == "cuda":
-            log.info("warm-up: compiling the prefill, decode and sampling kernels")
-            log.info("warm-up done in %.1f s", self.scheduler.warmup())
+            self.scheduler.warmup()
 
     def _init_workers(self) -> None:
         from .models.weights import resolve_model_path

@@ -82,8 +82,7 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
 
     sched = Scheduler(engine, args, emit)
     if engine.device == "cuda":
-        log.info("warm-up: compiling the prefill, decode and sampling kernels")
-        log.info("warm-up done in %.1f s", sched.warmup())
+        sched.warmup()
     bcast = _Broadcaster() if args.tp > 1 else None
     launcher = ctx.socket(zmq.PUSH)
     launcher.setsockopt(zmq.LINGER, 0)  # nobody reads it on nodes other than 0: exit anyway

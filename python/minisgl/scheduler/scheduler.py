@@ -220,6 +220,7 @@ class Scheduler:
         logprobs), so that FlashInfer's JIT modules and Triton's kernels are compiled now: on a
         fresh H200 the first requests otherwise waited 79 s for their first token. Leaves no
         trace: outputs dropped, cache flushed, counters reset. Returns the seconds it took."""
+        log.info("warm-up: compiling the prefill, decode and sampling kernels")
         start, emit, budget = time.perf_counter(), self.on_output, self.prefill_budget
         self.on_output = lambda _msg: None
         ps, vocab = self.mem.ps, self.engine.cfg.vocab_size
@@ -244,7 +245,9 @@ class Scheduler:
             self.on_output, self.prefill_budget = emit, budget
         self.mem.ensure_free(self.mem.pages.num_pages)  # evicts the warm-up's cached prefixes
         self.counters = dict.fromkeys(self.counters, 0)
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        log.info("warm-up done in %.1f s", seconds)
+        return seconds
 
     # -- results ----------------------------------------------------------------------------
     def _process(self, out: StepOutput) -> None:
