@@ -5,12 +5,15 @@
 
 A CUDA event is recorded as each step is launched, so the gap between two events is the
 device time of a step, idle included. Decode steps are binned by batch size and compared
-with their floor: the KV cache and the weights read once at 3.0 TB/s.
+with their floor: the KV cache read once at the measured copy bandwidth, plus the weights read
+once or their GEMM FLOPs at the measured bf16 rate, whichever takes longer (H200 figures from
+../shared/notes/performance.md; override with MINISGL_BW / MINISGL_FLOPS).
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import make_params, parse_args, prepare  # noqa: E402
 
-BANDWIDTH = 3.0e12  # bytes/s, the H100's measured copy bandwidth (../shared/notes)
+BANDWIDTH = float(os.environ.get("MINISGL_BW", 4.3e12))  # bytes/s, the H200's copy bandwidth
+FLOPS = float(os.environ.get("MINISGL_FLOPS", 790e12))  # dense bf16 GEMM FLOP/s on the H200
 
 
 def main() -> None:
@@ -109,7 +113,9 @@ def report(steps: list, weight_bytes: int, kv_per_token: int) -> None:
         if not sel:
             continue
         ms = sum(d for *_, d in sel)
-        floor = sum((ctx * kv_per_token + weight_bytes) / BANDWIDTH * 1e3 for _, ctx, _ in sel)
+        # each weight element does one multiply-add per row (2 FLOPs per element per row)
+        floor = sum((ctx * kv_per_token / BANDWIDTH + max(weight_bytes / BANDWIDTH,
+                     2 * b * weight_bytes / 2 / FLOPS)) * 1e3 for b, ctx, _ in sel)  # fmt: skip
         print(f"{lo:4d}-{min(hi, 9999):<6d} | {len(sel):5d} | {ms:8.0f} | {ms / len(sel):7.2f} | "
               f"{floor / len(sel):13.2f} | {100 * floor / ms:5.1f} %")  # fmt: skip
 
