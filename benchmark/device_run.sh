@@ -9,6 +9,8 @@
 set -u
 source .gpu-wheels/setup.sh .gpu-wheels >/dev/null || exit 1
 [ -e ../shared ] || ln -sfn "$PWD/.gpu-shared" ../shared
+# Triton's compiled kernels travel with FlashInfer's (the tests compile ~40 s of them)
+export TRITON_CACHE_DIR=$PWD/.jit-cache/triton
 # pip gives the freshly installed headers today's mtime, newer than the carried objects, so
 # ninja would rebuild every FlashInfer module that includes them: date them back
 find /tmp/site/flashinfer /tmp/site/tvm_ffi -type f -exec touch -d 2020-01-01 {} + 2>/dev/null
