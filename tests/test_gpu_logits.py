@@ -54,7 +54,7 @@ def test_fp32_gpu_equals_cpu_and_reference(qwen3_tied_dir: str) -> None:
         gpu.shutdown()
 
 
-def test_bf16_graphs_keep_plain_rows_and_follow_reference(qwen3_hd128_dir: str) -> None:
+def test_bf16_graphs_keep_plain_rows_and_follow_reference(qwen3_hd128_dir: str) -> None:  # noqa: F811
     llm = LLM(qwen3_hd128_dir, device="cuda", dtype="bfloat16", num_pages=2048)
     assert llm.engine.graphs is not None
     try:
