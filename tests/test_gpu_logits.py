@@ -83,7 +83,9 @@ def test_bf16_grammar_on_gpu(qwen3_chat_dir: str) -> None:
                   "additionalProperties": False}  # fmt: skip
         eos = llm.engine.cfg.eos_token_ids[0]
         prompt = llm.tokenizer.encode("Give me JSON")
-        js = SamplingParams(temperature=1.0, seed=3, max_tokens=48, grammar=["json", json.dumps(schema)])
+        js = SamplingParams(
+            temperature=1.0, seed=3, max_tokens=48, grammar=["json", json.dumps(schema)]
+        )
         rx = SamplingParams(temperature=1.0, seed=4, max_tokens=12, grammar=["regex", "(yes|no)!"])
         free = SamplingParams(temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
         outs = llm.generate([prompt] * 6, [js, js, rx, rx, free, free], use_tqdm=False)
