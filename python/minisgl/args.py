@@ -5,52 +5,104 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A field with its --help text beside it."""
+    return field(default=default, metadata={"help": help}, **kw)
+
+
 @dataclass
 class ServerArgs:
-    model: str = ""
-    device: str = "auto"  # auto | cuda | cpu
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    tp: int = 1  # over all nodes
-    nnodes: int = 1
-    node_rank: int = 0
-    dist_init_addr: str | None = None  # HOST:PORT of node 0's rendezvous (nnodes > 1)
-    cache: str = "radix"  # radix | naive
-    max_prefill_length: int = 16384
-    page_size: int = 0  # 0 = default (1 on CPU, 64 on GPU)
-    attn: str = "auto"
-    cuda_graph_max_bs: int = -1  # -1 = chosen from memory, 0 = disabled
-    max_running_requests: int = 256
-    memory_ratio: float = 0.9
-    num_pages: int = 0  # 0 = sized from memory_ratio (GPU) or a default (CPU)
-    max_seq_len: int = 0  # 0 = the model's context length
-    dummy_weight: bool = False
-    seed: int = 0
+    """None = chosen at start-up (from the device, the model or memory: each help says how);
+    an option's help text is beside it (`_opt`), so the CLI is this dataclass."""
+
+    model: str = _opt("", "HF model id or local model directory (required)")
+    device: str = _opt("auto", "auto (cuda when a GPU is visible), cuda or cpu")
+    dtype: str = _opt("auto", "auto = checkpoint dtype on GPU, float32 on CPU")
+    tp: int = _opt(1, "tensor-parallel size over all nodes (one scheduler process per rank)")
+    nnodes: int = _opt(1, "number of nodes the TP group spans (node 0 serves HTTP)")
+    node_rank: int = _opt(0, "this node's index in [0, --nnodes)")
+    dist_init_addr: str | None = _opt(
+        None, "HOST:PORT of node 0's rendezvous, reachable from every node (--nnodes > 1)"
+    )
+    cache: str = _opt("radix", "prefix cache: radix (reuse shared prefixes) or naive (no reuse)")
+    max_prefill_length: int = _opt(
+        16384, "token budget of one prefill step; longer prompts are chunked"
+    )
+    page_size: int | None = _opt(None, "tokens per KV page (default: 1 on CPU, 64 on GPU)")
+    attn: str = _opt(
+        "auto", "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi"
+    )
+    cuda_graph_max_bs: int | None = _opt(
+        None, "largest decode batch captured in a CUDA graph; 0 = no graphs (default: chosen "
+        "from --max-running-requests, at most 256)"
+    )  # fmt: skip
+    max_running_requests: int = _opt(256, "cap on requests decoding at once")
+    memory_ratio: float = _opt(0.9, "fraction of GPU memory for weights + KV cache")
+    num_pages: int | None = _opt(
+        None, "KV pages to allocate (default: sized from --memory-ratio on GPU, 32768 tokens' "
+        "worth at most on CPU)"
+    )  # fmt: skip
+    max_seq_len: int | None = _opt(
+        None, "longest sequence, prompt + output (default: the model's context length)"
+    )
+    dummy_weight: bool = _opt(False, "random weights: a directory with only config.json runs")
+    seed: int = _opt(0, "seed for unseeded sampling and dummy weights")
     # server only
-    host: str = "127.0.0.1"
-    port: int = 30000
-    shell: bool = False
-    chat_template: str | None = None
-    served_model_name: str | None = None
-    api_key: str | None = None
-    api_key_file: str | None = None
-    allowed_hosts: str | None = None
-    allowed_origins: str | None = None
-    num_tokenizer: int = 1
-    log_level: str = "info"
-    max_request_bytes: int = 8 * 1024 * 1024
-    max_n: int = 16
-    max_choices: int = 256
-    max_waiting_requests: int = 1024
-    max_waiting_tokens: int = 1 << 20
-    request_timeout: float = 0.0
-    stall_timeout: float = 10.0
-    reasoning_parser: str | None = None
-    temperature: float = 0.0  # shell sampling defaults
-    max_tokens: int = 0  # 0 = fitted to the context (shell.py)
+    host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
+    port: int = _opt(30000, "HTTP port")
+    shell: bool = _opt(False, "interactive chat in the terminal instead of an HTTP server")
+    chat_template: str | None = _opt(
+        None, "path of a Jinja chat template overriding the tokenizer's"
+    )
+    served_model_name: str | None = _opt(
+        None, "the name clients send as `model` and /v1/models lists (default: the --model "
+        "argument as given)"
+    )  # fmt: skip
+    api_key: str | None = _opt(
+        None, "require 'Authorization: Bearer KEY' on every /v1 route and /generate (/health "
+        "and /metrics stay open)"
+    )  # fmt: skip
+    api_key_file: str | None = _opt(
+        None, "read the API key from this file's first line (or set MINISGL_API_KEY): unlike "
+        "--api-key, not visible in ps"
+    )  # fmt: skip
+    allowed_hosts: str | None = _opt(
+        None, "comma-separated Host header names accepted, or '*' (default: loopback names "
+        "when bound to loopback, else any)"
+    )  # fmt: skip
+    allowed_origins: str | None = _opt(
+        None, "comma-separated Origin values accepted from browsers, or '*', also answered "
+        "with CORS headers (default: origins whose host is an allowed host, no CORS)"
+    )  # fmt: skip
+    num_tokenizer: int = _opt(1, "number of tokenizer worker processes")
+    log_level: str = _opt("info", "debug, info, warning or error")
+    max_request_bytes: int = _opt(8 * 1024 * 1024, "largest accepted request body, in bytes")
+    max_n: int = _opt(16, "largest accepted n (choices per request)")
+    max_choices: int = _opt(256, "largest prompts x n in one request (400 beyond)")
+    max_waiting_requests: int = _opt(
+        1024, "choices without a first token yet, server-wide (429 beyond)"
+    )
+    max_waiting_tokens: int = _opt(
+        1 << 20, "prompt tokens waiting in the scheduler (429 beyond; 0 = no limit)"
+    )
+    request_timeout: float = _opt(
+        0.0, "seconds after which a request ends with a 504 error (0 = never)"
+    )
+    stall_timeout: float = _opt(
+        10.0, "seconds a client may read nothing of its response before it is aborted"
+    )
+    reasoning_parser: str | None = _opt(
+        None, "qwen3: move <think>...</think> into reasoning_content (chat)"
+    )
+    temperature: float = _opt(0.0, "sampling temperature of the answers")  # shell's sampling
+    max_tokens: int | None = _opt(
+        None, "max new tokens per answer (default: a quarter of the context, at most 512)"
+    )
     # internal
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
@@ -83,16 +135,18 @@ class ServerArgs:
             self.cache in ("radix", "naive"), f"--cache must be radix or naive, got {self.cache!r}"
         )
         need(self.max_prefill_length >= 1, "--max-prefill-length must be >= 1")
-        need(self.page_size >= 0, "--page-size must be >= 1")
+        for flag, v, low in (("page-size", self.page_size, 1), ("num-pages", self.num_pages, 1),
+                             ("max-seq-len", self.max_seq_len, 1), ("max-tokens", self.max_tokens, 1),
+                             ("cuda-graph-max-bs", self.cuda_graph_max_bs, 0)):  # fmt: skip
+            # None: the default; 0 or -1 (the old "default" values) are refused, not guessed at
+            need(v is None or v >= low, f"--{flag} must be >= {low} (leave it out for the "
+                 f"default), got {v}")  # fmt: skip
         need(self.max_running_requests >= 1, "--max-running-requests must be >= 1")
         need(
             0 < self.memory_ratio <= 1, f"--memory-ratio must be in (0, 1], got {self.memory_ratio}"
         )
-        need(self.num_pages >= 0, "--num-pages must be >= 1")
-        need(self.cuda_graph_max_bs >= -1, "--cuda-graph-max-bs must be >= 0")
         need(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         need(self.num_tokenizer >= 1, "--num-tokenizer must be >= 1")
-        need(self.max_tokens >= 0, f"--max-tokens must be >= 0, got {self.max_tokens}")
         need(
             self.max_n >= 1 and self.max_request_bytes >= 1024,
             "--max-n / --max-request-bytes too small",
@@ -140,52 +194,6 @@ class ServerArgs:
         return dataclasses.replace(self, **kw)
 
 
-_HELP = {
-    "model": "HF model id or local model directory (required)",
-    "device": "auto (cuda when a GPU is visible), cuda or cpu",
-    "dtype": "auto = checkpoint dtype on GPU, float32 on CPU",
-    "tp": "tensor-parallel size over all nodes (one scheduler process per rank)",
-    "nnodes": "number of nodes the TP group spans (node 0 serves HTTP)",
-    "node_rank": "this node's index in [0, --nnodes)",
-    "dist_init_addr": "HOST:PORT of node 0's rendezvous, reachable from every node",
-    "cache": "prefix cache: radix (reuse shared prefixes) or naive (no reuse)",
-    "max_prefill_length": "token budget of one prefill step; longer prompts are chunked",
-    "page_size": "tokens per KV page; 0 = 1 on CPU, 64 on GPU",
-    "attn": "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi",
-    "cuda_graph_max_bs": "largest decode batch captured in a CUDA graph; -1 = auto, 0 = off",
-    "max_running_requests": "cap on requests decoding at once",
-    "memory_ratio": "fraction of GPU memory for weights + KV cache",
-    "num_pages": "KV pages to allocate (overrides --memory-ratio); 0 = from memory",
-    "max_seq_len": "longest sequence (prompt + output); 0 = the model's context length",
-    "dummy_weight": "random weights: a directory with only config.json runs",
-    "seed": "seed for unseeded sampling and dummy weights",
-    "host": "address to bind; 0.0.0.0 exposes the server to the network",
-    "port": "HTTP port",
-    "shell": "interactive chat in the terminal instead of an HTTP server",
-    "chat_template": "path of a Jinja chat template overriding the tokenizer's",
-    "served_model_name": "the name clients send as `model` and /v1/models lists "
-    "(default: the --model argument as given)",
-    "api_key": "require 'Authorization: Bearer KEY' on every /v1 route and /generate "
-    "(/health and /metrics stay open)",
-    "api_key_file": "read the API key from this file's first line (or set MINISGL_API_KEY): "
-    "unlike --api-key, not visible in ps",
-    "allowed_hosts": "comma-separated Host header names accepted, or '*' (default: loopback "
-    "names when bound to loopback, else any)",
-    "allowed_origins": "comma-separated Origin values accepted from browsers, or '*', also "
-    "answered with CORS headers (default: origins whose host is an allowed host, no CORS)",
-    "num_tokenizer": "number of tokenizer worker processes",
-    "log_level": "debug, info, warning or error",
-    "max_request_bytes": "largest accepted request body, in bytes",
-    "max_n": "largest accepted n (choices per request)",
-    "max_choices": "largest prompts x n in one request (400 beyond)",
-    "max_waiting_requests": "choices without a first token yet, server-wide (429 beyond)",
-    "max_waiting_tokens": "prompt tokens waiting in the scheduler (429 beyond; 0 = no limit)",
-    "request_timeout": "seconds after which a request ends with a 504 error (0 = never)",
-    "stall_timeout": "seconds a client may read nothing of its response before it is aborted",
-    "temperature": "sampling temperature of the answers",
-    "max_tokens": "max new tokens per answer; 0 = a quarter of the context, at most 512",
-    "reasoning_parser": "qwen3: move <think>...</think> into reasoning_content (chat)",
-}
 _GROUPS = {  # --help sections, in this order; every flag is in one
     "model": ["model", "served_model_name", "chat_template", "dtype", "dummy_weight", "seed"],
     "engine": ["device", "tp", "nnodes", "node_rank", "dist_init_addr", "cache", "max_prefill_length", "page_size", "attn",
@@ -209,6 +217,8 @@ ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py ch
     "MINISGL_API_KEY": "the API key, when neither --api-key nor --api-key-file is given",
 }
 
+NONE = type(None)
+
 
 def build_parser() -> argparse.ArgumentParser:
     from minisgl import __version__
@@ -222,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"minisgl {__version__}")
     fields = {f.name: f for f in dataclasses.fields(ServerArgs) if f.repr}
+    hints = typing.get_type_hints(ServerArgs)
     grouped = {n for names in _GROUPS.values() for n in names}
     groups = {**_GROUPS, "other": [n for n in fields if n not in grouped]}
     for title, names in groups.items():
@@ -229,13 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         group = p.add_argument_group(title)
         for name in names:
-            flag, default, text = "--" + name.replace("_", "-"), fields[name].default, _HELP[name]
+            f, flag = fields[name], "--" + name.replace("_", "-")
+            default, text = f.default, f.metadata["help"]
             if isinstance(default, bool):
                 group.add_argument(flag, action="store_true", help=text)
                 continue
             if default not in (None, "") and "default" not in text:
                 text += f" (default: {default})"
-            typ = type(default) if default is not None else str
+            typ = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not NONE)
             group.add_argument(flag, type=typ, default=default, required=name == "model", help=text)
     return p
 

@@ -24,7 +24,7 @@ log = logging.getLogger("minisgl.engine")
 
 def maybe_create_graph_runner(engine: Engine) -> GraphRunner | None:
     max_bs = engine.args.cuda_graph_max_bs
-    if max_bs == -1:
+    if max_bs is None:
         max_bs = min(256, engine.max_reqs)
     if max_bs == 0 or not engine.attn.supports_graph:
         return None

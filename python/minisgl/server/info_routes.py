@@ -1,4 +1,5 @@
-"""Routes around generation: /v1/models and /v1/models/{id}, vLLM's /tokenize and /detokenize.
+"""Routes around generation: /health, /metrics, /v1/models and /v1/models/{id}, vLLM's
+/tokenize and /detokenize.
 
 /tokenize renders chat messages with the tokenizer workers' code (a TokenizerWorker here, its
 tokenizer loaded on a thread at the first call): the ids a chat completion's prompt gets.
@@ -7,20 +8,22 @@ tokenizer loaded on a thread at the first call): the ids a chat completion's pro
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
-from minisgl.args import ServerArgs
+from minisgl.messages import STALL_S
 
-from .bridge import Bridge
 from .generation import ApiError
 from .protocol import DetokenizeRequest, TokenizeRequest
+from .responses import error_response
+from .state import Api, ApiState, parse
 from .tokenizer import TokenizerWorker
 from .tokenizer import _Reject as Reject
+
+router = APIRouter()
+BODY = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
 def chat_payload(req: Any) -> str:
@@ -30,61 +33,78 @@ def chat_payload(req: Any) -> str:
         raise ApiError(400, str(e), "messages") from None
 
 
-def add_info_routes(
-    app: FastAPI, args: ServerArgs, bridge: Bridge, parse: Callable, checks: tuple
-) -> None:
-    require_ready, check_model, check_ids = checks
-    name, started = args.model_name, int(time.time())
-    local: dict[str, TokenizerWorker] = {}
-    lock = asyncio.Lock()
-    body = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
+@router.get("/health")
+async def health(api: Api) -> Response:
+    bridge = api.bridge
+    stalled = bridge.stalled()
+    if bridge.is_ready and not stalled:
+        return JSONResponse({"status": "ok"})
+    if bridge.dead is not None:
+        return error_response(503, f"unhealthy: {bridge.dead}")
+    if stalled:
+        return error_response(503, f"unhealthy: {', '.join(stalled)} silent for {STALL_S:g} s")
+    missing = sorted(bridge.expected - bridge.ready)
+    return error_response(503, f"starting: waiting for {', '.join(missing)}")
 
-    def card() -> dict[str, Any]:
-        c = {"id": name, "object": "model", "created": started, "owned_by": "minisgl"}
-        if bridge.max_seq_len:
-            c["max_model_len"] = bridge.max_seq_len
-        return c
 
-    @app.get("/v1/models")
-    async def models() -> JSONResponse:
-        return JSONResponse({"object": "list", "data": [card()]})
+@router.get("/metrics")
+async def metrics_route(api: Api) -> Response:
+    text = api.bridge.metrics.render()
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> JSONResponse:
-        if model_id != name:
-            raise ApiError(404, f"model {model_id!r} is not served here; use {name!r}", "model")
-        return JSONResponse(card())
 
-    async def worker(request: Request, cls: type) -> tuple[Any, TokenizerWorker]:
-        req = parse(cls, await request.body())
-        require_ready()
-        check_model(req.model)
-        async with lock:
-            if not local:
-                from .detokenizer import load_tokenizer
+def _card(api: ApiState) -> dict[str, Any]:
+    c = {"id": api.name, "object": "model", "created": api.started, "owned_by": "minisgl"}
+    if api.bridge.max_seq_len:
+        c["max_model_len"] = api.bridge.max_seq_len
+    return c
 
-                local["w"] = TokenizerWorker(await asyncio.to_thread(load_tokenizer, args))
-                local["w"].configure(bridge.info)
-        if local["w"].tok is None:
-            raise ApiError(400, "this model has no tokenizer")
-        return req, local["w"]
 
-    @app.post("/tokenize", openapi_extra=body)
-    async def tokenize(request: Request) -> JSONResponse:
-        req, w = await worker(request, TokenizeRequest)
-        chat = req.messages is not None
-        text = chat_payload(req) if chat else req.prompt
-        try:
-            ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
-        except Reject as e:
-            raise ApiError(400, str(e)) from None
-        out = {"count": len(ids), "max_model_len": bridge.max_seq_len, "tokens": ids}
-        if req.return_token_strs:
-            out["token_strs"] = w.tok.convert_ids_to_tokens(ids)
-        return JSONResponse(out)
+@router.get("/v1/models")
+async def models(api: Api) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_card(api)]})
 
-    @app.post("/detokenize", openapi_extra=body)
-    async def detokenize(request: Request) -> JSONResponse:
-        req, w = await worker(request, DetokenizeRequest)
-        check_ids(req.tokens, "tokens")
-        return JSONResponse({"prompt": await asyncio.to_thread(w.tok.decode, req.tokens)})
+
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, api: Api) -> JSONResponse:
+    if model_id != api.name:
+        raise ApiError(404, f"model {model_id!r} is not served here; use {api.name!r}", "model")
+    return JSONResponse(_card(api))
+
+
+async def _worker(request: Request, api: ApiState, cls: type) -> tuple[Any, TokenizerWorker]:
+    req = parse(cls, await request.body())
+    api.require_ready()
+    api.check_model(req.model)
+    async with api.tokenizer_lock:
+        if api.tokenizer is None:
+            from .detokenizer import load_tokenizer
+
+            tok = await asyncio.to_thread(load_tokenizer, api.args)
+            api.tokenizer = TokenizerWorker(tok)
+            api.tokenizer.configure(api.bridge.info)
+    if api.tokenizer.tok is None:
+        raise ApiError(400, "this model has no tokenizer")
+    return req, api.tokenizer
+
+
+@router.post("/tokenize", openapi_extra=BODY)
+async def tokenize(request: Request, api: Api) -> JSONResponse:
+    req, w = await _worker(request, api, TokenizeRequest)
+    chat = req.messages is not None
+    text = chat_payload(req) if chat else req.prompt
+    try:
+        ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
+    except Reject as e:
+        raise ApiError(400, str(e)) from None
+    out = {"count": len(ids), "max_model_len": api.bridge.max_seq_len, "tokens": ids}
+    if req.return_token_strs:
+        out["token_strs"] = w.tok.convert_ids_to_tokens(ids)
+    return JSONResponse(out)
+
+
+@router.post("/detokenize", openapi_extra=BODY)
+async def detokenize(request: Request, api: Api) -> JSONResponse:
+    req, w = await _worker(request, api, DetokenizeRequest)
+    api.check_ids(req.tokens, "tokens")
+    return JSONResponse({"prompt": await asyncio.to_thread(w.tok.decode, req.tokens)})

@@ -2,8 +2,8 @@
 
 Validation is strict: unknown top-level fields, wrong types (no string-to-number coercion),
 NaN/Infinity and out-of-range values are rejected with a 400 before anything reaches a worker.
-Checks that need the model (context length, vocabulary size) happen later, in the API handler
-(token-id prompts) or in the tokenizer worker (text prompts).
+Checks that need the model happen later: the vocabulary in `to_sampling_params` and the API
+handler (token-id prompts), the context length in the tokenizer worker.
 """
 
 from __future__ import annotations
@@ -12,6 +12,20 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+
+from minisgl.core import SamplingParams
+
+from .generation import ApiError
+from .sampling import (
+    MAX_TOP_LOGPROBS,
+    SamplingChecks,
+    StrictModel,
+    check_positive,
+    check_seed,
+    check_top_logprobs,
+    engine_params,
+)
+from .tools import grammar_for
 
 SInt = Annotated[int, Strict()]
 SFloat = Annotated[float, Strict()]
@@ -24,24 +38,15 @@ Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[str, Strict(), Field(pattern=r"^[0-9]{1,10}$")]  # a JSON key: a string
 Bias = Annotated[float, Strict(), Field(ge=-100, le=100)]
 
-MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
-MAX_STOP = 16  # stop strings per request
-MAX_STOP_LEN = 1024
-MAX_TOP_LOGPROBS = 20
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
-
-
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(StrictModel):
     name: SStr = "response"
     description: SStr | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: SBool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(StrictModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -52,82 +57,12 @@ class ResponseFormat(_Strict):
         return self
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictModel):
     include_usage: SBool = False
     continuous_usage_stats: SBool = False
 
 
-def _positive(cls: Any, v: int | None) -> int | None:
-    if v is not None and not 1 <= v <= MAX_INT:
-        raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
-    return v
-
-
-def _temperature(cls: Any, v: float | None) -> float | None:
-    if v is not None and not 0 <= v <= 100:
-        raise ValueError(f"must be in [0, 100], got {v}")
-    return v
-
-
-def _top_p(cls: Any, v: float | None) -> float | None:
-    if v is not None and not 0 < v <= 1:
-        raise ValueError(f"must be in (0, 1], got {v}")
-    return v
-
-
-def _top_k(cls: Any, v: int | None) -> int | None:
-    if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
-        raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
-    return v
-
-
-def _n(cls: Any, v: int) -> int:
-    if v < 1:
-        raise ValueError(f"must be >= 1, got {v}")
-    return v
-
-
-def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
-    stops = [v] if isinstance(v, str) else list(v or [])
-    if len(stops) > MAX_STOP:
-        raise ValueError(f"at most {MAX_STOP} stop sequences")
-    if any(not s or len(s) > MAX_STOP_LEN for s in stops):
-        raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
-    return stops
-
-
-def _stop_ids(cls: Any, v: list[int] | None) -> list[int] | None:
-    if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
-        raise ValueError("must be at most 1024 non-negative token ids")
-    return v
-
-
-def _seed(cls: Any, v: int | None) -> int | None:
-    if v is not None and not -(2**63) <= v < 2**63:
-        raise ValueError("must fit in a signed 64-bit integer")
-    return v
-
-
-def _top_logprobs(cls: Any, v: int | None) -> int | None:
-    if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
-    return v
-
-
-class _SamplingChecks(_Strict):
-    """Validators of the sampling fields every request schema has (the fields and their
-    defaults are declared by each schema)."""
-
-    _v_temperature = field_validator("temperature", check_fields=False)(_temperature)
-    _v_top_p = field_validator("top_p", check_fields=False)(_top_p)
-    _v_top_k = field_validator("top_k", check_fields=False)(_top_k)
-    _v_n = field_validator("n", check_fields=False)(_n)
-    _v_stop = field_validator("stop", check_fields=False)(_stop)
-    _v_stop_ids = field_validator("stop_token_ids", check_fields=False)(_stop_ids)
-    _v_seed = field_validator("seed", check_fields=False)(_seed)
-
-
-class _Sampling(_SamplingChecks):
+class _Sampling(SamplingChecks):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: SStr | None = None
@@ -162,13 +97,35 @@ class _Sampling(_SamplingChecks):
     skip_special_tokens: Literal[True] = True
     return_hidden_states: Literal[False] = False
 
-    _v_max_tokens = field_validator("max_tokens")(_positive)
+    _v_max_tokens = field_validator("max_tokens")(check_positive)
 
     @model_validator(mode="after")
     def _stream_options(self) -> Any:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream: true")
         return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    def usage_options(self) -> tuple[bool, bool]:
+        """(include_usage, continuous_usage_stats) of stream_options."""
+        so = self.stream_options
+        return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)
+
+    def _openai_choices(
+        self, vocab: int, max_n: int, logprobs: int | None, chat: bool
+    ) -> list[SamplingParams]:
+        grammar = grammar_for(self, chat)
+        bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        return engine_params(
+            self, vocab, max_n, self.seed, max_tokens=self.token_limit, logprobs=logprobs,
+            presence_penalty=self.presence_penalty or 0.0, min_p=self.min_p or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias or None,
+            repetition_penalty=self.repetition_penalty or 1.0, min_tokens=self.min_tokens,
+            grammar=grammar,
+        )  # fmt: skip
 
 
 class CompletionRequest(_Sampling):
@@ -188,7 +145,7 @@ class CompletionRequest(_Sampling):
                 raise ValueError("token-id prompts must not be empty")
         return v
 
-    _v_logprobs = field_validator("logprobs")(_top_logprobs)
+    _v_logprobs = field_validator("logprobs")(check_top_logprobs)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -199,6 +156,10 @@ class CompletionRequest(_Sampling):
         if self.best_of not in (None, self.n):
             raise ValueError("best_of is not supported (only best_of == n)")
         return self
+
+    def to_sampling_params(self, vocab: int, max_n: int) -> list[SamplingParams]:
+        """One per choice (n); every prompt gets them all."""
+        return self._openai_choices(vocab, max_n, self.logprobs, False)
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -236,24 +197,24 @@ class ChatMessage(BaseModel):
         return msg
 
 
-class Function(_Strict):
+class Function(StrictModel):
     name: SStr = Field(min_length=1, max_length=64)
     description: SStr | None = None
     parameters: dict[str, Any] | None = None
     strict: SBool | None = None
 
 
-class Tool(_Strict):
+class Tool(StrictModel):
     type: Literal["function"]
     function: Function
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(StrictModel):
     type: Literal["function"]
     function: Function  # its name
 
 
-class _ChatInput(_Strict):
+class _ChatInput(StrictModel):
     """What the tokenizer worker's chat template renders (chat completions and /tokenize)."""
 
     messages: Any = None
@@ -290,8 +251,17 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: SBool = True
 
-    _v_max_completion_tokens = field_validator("max_completion_tokens")(_positive)
-    _v_top_logprobs = field_validator("top_logprobs")(_top_logprobs)
+    _v_max_completion_tokens = field_validator("max_completion_tokens")(check_positive)
+    _v_top_logprobs = field_validator("top_logprobs")(check_top_logprobs)
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling_params(self, vocab: int, max_n: int) -> list[SamplingParams]:
+        """One per choice (n)."""
+        top = self.top_logprobs if self.top_logprobs is not None else 0
+        return self._openai_choices(vocab, max_n, top if self.logprobs else None, True)
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
@@ -306,7 +276,7 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
         return self
 
 
-class NativeSamplingParams(_SamplingChecks):
+class NativeSamplingParams(SamplingChecks):
     max_new_tokens: SInt | None = None
     temperature: SFloat = 1.0
     top_p: SFloat = 1.0
@@ -318,11 +288,11 @@ class NativeSamplingParams(_SamplingChecks):
     sampling_seed: SInt | None = None  # SGLang's name (the only one sglang-router forwards)
     n: SInt = 1
 
-    _v_max_tokens = field_validator("max_new_tokens")(_positive)
-    _v_sampling_seed = field_validator("sampling_seed")(_seed)
+    _v_max_tokens = field_validator("max_new_tokens")(check_positive)
+    _v_sampling_seed = field_validator("sampling_seed")(check_seed)
 
 
-class GenerateRequest(_Strict):
+class GenerateRequest(StrictModel):
     text: SStr | None = None
     input_ids: list[SInt] | None = None
     model: SStr | None = None
@@ -348,6 +318,19 @@ class GenerateRequest(_Strict):
             raise ValueError(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]")
         return self
 
+    @property
+    def token_limit(self) -> int | None:
+        return self.sampling_params.max_new_tokens
+
+    def to_sampling_params(self, vocab: int, max_n: int) -> list[SamplingParams]:
+        """One per choice (sampling_params.n)."""
+        sp = self.sampling_params
+        if None not in (sp.seed, sp.sampling_seed) and sp.seed != sp.sampling_seed:
+            raise ApiError(400, "seed and sampling_seed differ", "sampling_params.seed")
+        seed = sp.sampling_seed if sp.seed is None else sp.seed
+        logprobs = self.top_logprobs_num if self.return_logprob else None
+        return engine_params(sp, vocab, max_n, seed, max_tokens=self.token_limit, logprobs=logprobs)
+
 
 class TokenizeRequest(_ChatInput):
     """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered by the chat template."""
@@ -365,6 +348,6 @@ class TokenizeRequest(_ChatInput):
         return self
 
 
-class DetokenizeRequest(_Strict):
+class DetokenizeRequest(StrictModel):
     model: SStr | None = None
     tokens: list[SInt]

@@ -8,6 +8,8 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from .generation import ApiError, Choice, Generation
 from .tools import ChatParser
 
@@ -26,6 +28,13 @@ ERROR_TYPES = {
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    headers = {"Retry-After": "1", **(headers or {})} if status == 429 else headers
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def sse(obj: Any) -> str:

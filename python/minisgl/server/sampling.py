@@ -1,0 +1,121 @@
+"""The sampling fields of the request schemas (protocol.py): their checks, and their mapping to
+the engine's SamplingParams, one per choice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from minisgl.core import SamplingParams
+
+from .generation import ApiError
+
+MAX_INT = 2**31 - 1  # token counts, top_k: anything larger is nonsense and kept off msgpack
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_LEN = 1024
+MAX_TOP_LOGPROBS = 20
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+
+def check_positive(cls: Any, v: int | None) -> int | None:
+    if v is not None and not 1 <= v <= MAX_INT:
+        raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
+    return v
+
+
+def _temperature(cls: Any, v: float | None) -> float | None:
+    if v is not None and not 0 <= v <= 100:
+        raise ValueError(f"must be in [0, 100], got {v}")
+    return v
+
+
+def _top_p(cls: Any, v: float | None) -> float | None:
+    if v is not None and not 0 < v <= 1:
+        raise ValueError(f"must be in (0, 1], got {v}")
+    return v
+
+
+def _top_k(cls: Any, v: int | None) -> int | None:
+    if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
+        raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
+    return v
+
+
+def _n(cls: Any, v: int) -> int:
+    if v < 1:
+        raise ValueError(f"must be >= 1, got {v}")
+    return v
+
+
+def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
+    stops = [v] if isinstance(v, str) else list(v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    if any(not s or len(s) > MAX_STOP_LEN for s in stops):
+        raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
+    return stops
+
+
+def _stop_ids(cls: Any, v: list[int] | None) -> list[int] | None:
+    if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
+        raise ValueError("must be at most 1024 non-negative token ids")
+    return v
+
+
+def check_seed(cls: Any, v: int | None) -> int | None:
+    if v is not None and not -(2**63) <= v < 2**63:
+        raise ValueError("must fit in a signed 64-bit integer")
+    return v
+
+
+def check_top_logprobs(cls: Any, v: int | None) -> int | None:
+    if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
+    return v
+
+
+def check_ids(ids: list[int], what: str, vocab: int) -> None:
+    bad = next((i for i in ids if not 0 <= i < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{what}: token id {bad} is outside the vocabulary [0, {vocab})", what)
+
+
+def engine_params(s: Any, vocab: int, max_n: int, seed: int | None, **kw: Any) -> list:
+    """The engine's params of each of the `s.n` choices: choice i uses seed + i (different but
+    reproducible). An unset max_tokens is MAX_INT here; the tokenizer worker fits it to the
+    context (see api_server's `# wire: params`)."""
+    if s.n > max_n:
+        raise ApiError(400, f"n must be at most {max_n}, got {s.n}", "n")
+    check_ids(s.stop_token_ids or [], "stop_token_ids", vocab)
+    check_ids(list(kw.get("logit_bias") or {}), "logit_bias", vocab)
+    kw["max_tokens"] = kw["max_tokens"] or MAX_INT
+    kw["logprobs"] = -1 if kw["logprobs"] is None else kw["logprobs"]
+    top_k = s.top_k if s.top_k not in (None, 0) and s.top_k < vocab else -1
+    temperature = 1.0 if s.temperature is None else float(s.temperature)
+    top_p = 1.0 if s.top_p is None else float(s.top_p)
+    stop_ids = list(s.stop_token_ids or [])
+    try:
+        return [SamplingParams(temperature, top_k, top_p, ignore_eos=s.ignore_eos,
+                               stop_token_ids=stop_ids, **kw,
+                               seed=None if seed is None else (seed + i) % 2**63)
+                for i in range(s.n)]  # fmt: skip
+    except ValueError as e:  # min_tokens > max_tokens
+        raise ApiError(400, str(e)) from None
+
+
+class SamplingChecks(StrictModel):
+    """Validators of the sampling fields every request schema has (the fields and their
+    defaults are declared by each schema)."""
+
+    _v_temperature = field_validator("temperature", check_fields=False)(_temperature)
+    _v_top_p = field_validator("top_p", check_fields=False)(_top_p)
+    _v_top_k = field_validator("top_k", check_fields=False)(_top_k)
+    _v_n = field_validator("n", check_fields=False)(_n)
+    _v_stop = field_validator("stop", check_fields=False)(_stop)
+    _v_stop_ids = field_validator("stop_token_ids", check_fields=False)(_stop_ids)
+    _v_seed = field_validator("seed", check_fields=False)(check_seed)
