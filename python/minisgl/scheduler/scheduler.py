@@ -13,7 +13,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..args import ServerArgs, decode_sort_enabled, overlap_enabled
+from .. import env
+from ..args import ServerArgs
 from ..core import Batch, FinishReason, Req, SamplingParams
 from ..engine.engine import Engine, StepOutput
 from ..messages import ErrorOut, TokenOut
@@ -30,8 +31,8 @@ class Scheduler:
         self.mem = ReqMemory(engine, args.cache)
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
-        self.overlap = overlap_enabled()
-        self.sort_decode = decode_sort_enabled()
+        self.overlap = env.overlap_scheduling()
+        self.sort_decode = env.decode_sort()
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
         self.chunked: Req | None = None
