@@ -17,7 +17,7 @@ from .. import env
 from ..args import ServerArgs
 from ..core import Batch, FinishReason, Req, SamplingParams
 from ..engine.engine import Engine, StepOutput
-from ..messages import ErrorOut, TokenOut
+from ..messages import ErrorOut, Limits, Logprob, TokenOut, check_prompt
 from .memory import ReqMemory
 
 log = logging.getLogger("minisgl.scheduler")
@@ -49,22 +49,13 @@ class Scheduler:
     # -- requests in ----------------------------------------------------------------------
     def validate(self, input_ids: list[int], params: SamplingParams) -> str | None:
         """A user-facing reason why the request can never run, or None."""
-        if not input_ids:
-            return "the prompt is empty"
-        vocab = self.engine.cfg.vocab_size
-        if min(input_ids) < 0 or max(input_ids) >= vocab:  # C-speed scans, not a genexpr
-            return f"token ids must be in [0, {vocab})"
+        try:
+            check_prompt(input_ids, params, Limits(self.engine.max_seq_len, self.vocab))
+        except ValueError as e:
+            return str(e)
         total = len(input_ids) + params.max_tokens
-        if total > self.engine.max_seq_len:
-            return (
-                f"prompt ({len(input_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the context length {self.engine.max_seq_len}"
-            )
         if total > self.engine.max_tokens_in_pool:
             return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
-        ids = [*(params.logit_bias or {}), *params.stop_token_ids]
-        if ids and max(ids) >= vocab:
-            return f"logit_bias and stop_token_ids must be token ids in [0, {vocab})"
         return None
 
     def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
@@ -268,10 +259,7 @@ class Scheduler:
             logprob = None
             if req.params.logprobs >= 0:
                 n = req.params.logprobs
-                logprob = [
-                    lp[0][lp_row],
-                    [[i, v] for i, v in zip(lp[2][lp_row][:n], lp[1][lp_row][:n])],
-                ]
+                logprob = Logprob(lp[0][lp_row], lp[2][lp_row][:n], lp[1][lp_row][:n])
                 lp_row += 1
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight

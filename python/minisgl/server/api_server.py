@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from minisgl.args import ServerArgs
+from minisgl.core import SamplingParams
 from minisgl.messages import STALL_S
 
 from . import router_api
@@ -228,7 +229,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
 
     def sampling(
         req: Any, max_tokens: int | None, logprobs: int | None, n: int, grammar: Any = None
-    ) -> list[dict]:
+    ) -> list[SamplingParams]:
         if n > args.max_n:
             raise ApiError(400, f"n must be at most {args.max_n}, got {n}", "n")
         check_ids(req.stop_token_ids or [], "stop_token_ids")
@@ -241,7 +242,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
             "temperature": 1.0 if req.temperature is None else float(req.temperature),
             "top_k": top_k,
             "top_p": 1.0 if req.top_p is None else float(req.top_p),
-            "max_tokens": max_tokens,
+            "max_tokens": max_tokens or bridge.max_seq_len,  # unset: gen.add(fill=True)
             "ignore_eos": req.ignore_eos,
             "stop_token_ids": list(req.stop_token_ids or []),
             "seed": None,
@@ -261,7 +262,10 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
             if req.seed is not None:
                 p["seed"] = (req.seed + i) % 2**63
             out.append(p)
-        return out
+        try:
+            return [SamplingParams(**p) for p in out]
+        except ValueError as e:  # min_tokens > max_tokens
+            raise ApiError(400, str(e)) from None
 
     async def respond(
         gen: Generation, request: Request, stream_body: Any, full_body: Any
@@ -316,7 +320,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
         gen = Generation(bridge)
         for pi, p in enumerate(prompts):
             for ps in params:
-                gen.add(pi, p, ps, req.stop, chat=False)
+                gen.add(pi, p, ps, req.stop, chat=False, fill=req.max_tokens is None)
         fmt = Formatter("completion", name, req.logprobs is not None, *_usage(req),
                         fingerprint=fingerprint)  # fmt: skip
         stream = fmt.stream(gen) if req.stream else None
@@ -340,7 +344,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
         params = sampling(req, max_tokens, top if req.logprobs else None, req.n, grammar)
         gen = Generation(bridge)
         for ps in params:
-            gen.add(0, payload, ps, req.stop, chat=True)
+            gen.add(0, payload, ps, req.stop, chat=True, fill=max_tokens is None)
         mode, think = tool_mode(req), args.reasoning_parser == "qwen3"
         fmt = Formatter("chat", name, req.logprobs, *_usage(req), fingerprint=fingerprint,
                         parser=lambda: ChatParser(think, mode, req.parallel_tool_calls))  # fmt: skip
@@ -364,7 +368,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
         gen = Generation(bridge)
         prompt = req.text if req.text is not None else req.input_ids
         for ps in params:
-            gen.add(0, prompt, ps, sp.stop, chat=False)
+            gen.add(0, prompt, ps, sp.stop, chat=False, fill=sp.max_new_tokens is None)
         rid = "gen-" + Formatter("completion", name, False).id[5:]
         texts = req.return_text_in_logprobs
         stream = native_stream(gen, rid, req.return_logprob, texts) if req.stream else None
