@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minisgl.messages import AbortReq, ErrorOut, Stats, TextOut, TokenOut
+from minisgl.messages import AbortReq, ErrorOut, Logprob, Stats, TextOut, TokenOut
 from minisgl.server.detokenizer import Detokenizer, IncrementalDetokenizer
 
 TEXTS = [
@@ -130,15 +130,20 @@ def test_worker_messages(tok):
         last = k == len(ids) - 1
         out = det.handle(
             TokenOut(
-                [5], [t], ["stop" if last else None], [[-0.5, [[t, -0.5], [3, -2.0]]]], [2], [9]
+                [5],
+                [t],
+                ["stop" if last else None],
+                [Logprob(-0.5, [t, 3], [-0.5, -2.0])],
+                [2],
+                [9],
             )
         )
         assert len(out) == 1 and isinstance(out[0], TextOut)
         texts += out[0].text
         ids_seen += out[0].token_ids
         lp = out[0].logprobs[0]
-        assert lp[0] == det.inc.token_text(t) and lp[1] == -0.5
-        assert lp[2][0][0] == t and lp[2][0][1] == lp[0] and lp[2][1][:2] == [3, "\x00"]
+        assert lp.text == det.inc.token_text(t) and lp.logprob == -0.5
+        assert lp.top_ids == [t, 3] and lp.top_texts == [lp.text, "\x00"]
         assert out[0].cached == 2 and out[0].prompt_len == 9
     assert texts == full_decode(tok, ids) and ids_seen == ids
     assert out[0].finished == "stop"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from . import env
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -205,17 +206,6 @@ _GROUPS = {  # --help sections, in this order; every flag is in one
                     "stall_timeout", "reasoning_parser"],
     "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
 }  # fmt: skip
-ENV_VARS = {  # every MINISGL_* variable the package reads (tests/test_cli.py checks the list)
-    "MINISGL_DISABLE_OVERLAP_SCHEDULING=1": "the plain sequential scheduler loop",
-    "MINISGL_DECODE_SORT=0": "decode in admission order, not longest context first",
-    "MINISGL_DISABLE_KERNELS=1": "torch/FlashInfer ops, not minisgl's Triton/tvm-ffi kernels",
-    "MINISGL_DISABLE_FUSED=1": "torch ops, not FlashInfer's fused norm/activation/RoPE",
-    "MINISGL_FI_TENSOR_CORES=0|1": "FlashInfer decode on tensor cores (default: 1 at 2+ q/kv)",
-    "MINISGL_FI_DECODE_BACKEND": "that decode kernel's FlashInfer backend (default: fa2)",
-    "MINISGL_DEBUG_POISON=1": "debug: NaN-filled KV pool and sentinels (docs/correctness.md)",
-    "MINISGL_QK_HEADS, MINISGL_QK_WARPS": "heads, warps per program of the q/k-norm+RoPE kernel",
-    "MINISGL_API_KEY": "the API key, when neither --api-key nor --api-key-file is given",
-}
 
 NONE = type(None)
 
@@ -223,11 +213,11 @@ NONE = type(None)
 def build_parser() -> argparse.ArgumentParser:
     from minisgl import __version__
 
-    env = "\n".join(f"  {k}\n{' ' * 8}{v}" for k, v in ENV_VARS.items())
+    env_help = "\n".join(f"  {k}{shown}\n{' ' * 8}{v}" for k, (shown, v) in env.VARS.items())
     p = argparse.ArgumentParser(
         prog="python -m minisgl",
         description="minisgl: an OpenAI-compatible LLM server, or a terminal chat with --shell.",
-        epilog=f"environment variables:\n{env}",
+        epilog=f"environment variables:\n{env_help}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"minisgl {__version__}")
@@ -261,7 +251,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
                 parser.error("give --api-key or --api-key-file, not both")
             with open(ns.api_key_file) as f:
                 ns.api_key = f.readline().strip() or parser.error("--api-key-file is empty")
-        ns.api_key = ns.api_key or os.environ.get("MINISGL_API_KEY") or None
+        ns.api_key = ns.api_key or env.api_key()
         return ServerArgs(**vars(ns))
     except OSError as e:
         parser.error(f"--api-key-file: {e.strerror}: {ns.api_key_file}")
@@ -269,12 +259,3 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
     except ValueError as e:
         parser.error(str(e))
         raise
-
-
-def overlap_enabled() -> bool:
-    return os.environ.get("MINISGL_DISABLE_OVERLAP_SCHEDULING", "0") in ("", "0", "false")
-
-
-def decode_sort_enabled() -> bool:
-    """Decode batches longest context first, unless MINISGL_DECODE_SORT=0."""
-    return os.environ.get("MINISGL_DECODE_SORT", "1") not in ("0", "false")

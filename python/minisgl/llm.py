@@ -8,7 +8,6 @@ as the workers are spawned.
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import itertools
 import logging
@@ -73,7 +72,7 @@ class LLM:
         for i, (uid, tok, fin) in enumerate(zip(msg.uids, msg.tokens, msg.finished)):
             self._outputs[uid].append(tok)
             if msg.logprobs[i] is not None:
-                self._logprobs[uid].append(msg.logprobs[i])
+                self._logprobs[uid].append(msg.logprobs[i].pairs())
             if fin is not None:
                 self._done.add(uid)
 
@@ -167,7 +166,7 @@ class LLM:
             raise ValueError(
                 "this model directory has no tokenizer: pass token-id lists as prompts"
             )
-        uids = [c.submit(p if isinstance(p, str) else list(p), dataclasses.asdict(sp))
+        uids = [c.submit(p if isinstance(p, str) else list(p), sp)
                 for p, sp in zip(prompts, params)]  # fmt: skip
         outputs: dict[int, list[int]] = {u: [] for u in uids}
         lps: dict[int, list] = {u: [] for u in uids}
@@ -184,7 +183,7 @@ class LLM:
                     c.done(msg.uid)
                     raise ValueError(msg.message)
                 outputs[msg.uid] += msg.token_ids
-                lps[msg.uid] += [[e[1], [[i, v] for i, _, v in e[2]]] for e in msg.logprobs if e]
+                lps[msg.uid] += [e.pairs() for e in msg.logprobs if e]
                 toks += len(msg.token_ids)
                 if msg.finished is not None:
                     pending.discard(msg.uid)

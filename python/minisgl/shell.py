@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from minisgl.args import ServerArgs
+from minisgl.core import SamplingParams
 from minisgl.messages import ErrorOut
 from minisgl.server.client import WorkerClient, WorkerDied
 
@@ -101,7 +102,7 @@ class Shell:
 
     def answer(self, line: str) -> None:
         """Stream one answer; record the turn in the history unless it failed or was aborted."""
-        params = {"temperature": float(self.args.temperature), "max_tokens": self.args.max_tokens}
+        params = SamplingParams(float(self.args.temperature), max_tokens=self.args.max_tokens)
         c = self.client
         t0 = time.perf_counter()
         parts: list[str] = []

@@ -45,13 +45,3 @@ def h2d(t: torch.Tensor, device: str) -> torch.Tensor:
     if device == "cpu":
         return t
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def env_flag(name: str) -> bool:
-    """A boolean MINISGL_* switch: 1/true/yes/on enable it; unset, empty, 0/false/no/off do not."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("", "0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{name}={os.environ[name]!r}: expected 1/0, true/false, yes/no or on/off")

@@ -4,11 +4,11 @@ planned once per batch on host metadata, with fixed-size decode wrappers for CUD
 from __future__ import annotations
 
 import builtins
-import os
 
 import numpy as np
 import torch
 
+from .. import env
 from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
 from .base import AttentionBackend, AttnMeta
@@ -65,10 +65,8 @@ class FlashInferBackend(AttentionBackend):
         # through FA2 3.3-3.4 TB/s at GQA group 2 and 4; CUDA cores 2.9 / 2.0 TB/s; tensor cores
         # through FA3 (what FlashInfer's "auto" picks on Hopper) 1.6 / 0.9 TB/s
         group = num_heads // num_kv_heads
-        self.tensor_cores = (
-            os.environ.get("MINISGL_FI_TENSOR_CORES", "1" if group >= 2 else "0") == "1"
-        )
-        self.decode_backend = os.environ.get("MINISGL_FI_DECODE_BACKEND", "fa2")
+        self.tensor_cores = env.fi_tensor_cores(group >= 2)
+        self.decode_backend = env.fi_decode_backend()
         self.decode = self._decode_wrapper()
         self.graph_wrappers: dict[tuple[int, int], object] = {}
         self.active = self.decode

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import env
 from ..args import ServerArgs
 from ..attention import create_backend
 from ..attention.base import AttnMeta
@@ -19,7 +20,7 @@ from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
 from ..models import ModelConfig, check_architecture, create_model
 from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
-from ..utils import env_flag, h2d
+from ..utils import h2d
 from .sampler import Sampler, SamplingInfo, gather_logprobs
 
 log = logging.getLogger("minisgl.engine")
@@ -99,7 +100,7 @@ class Engine:
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
         # debug mode: memory that must be written before it is read starts as NaN / out-of-range
         # ids, and every sampled-from logit row is checked for non-finite values (issue 15)
-        self.poison = env_flag("MINISGL_DEBUG_POISON")
+        self.poison = env.debug_poison()
         self.nonfinite_logits = torch.zeros((), dtype=torch.int64, device=self.device)
         if self.poison:
             self.pool.k.fill_(float("nan"))

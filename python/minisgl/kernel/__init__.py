@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
+
+from .. import env
 
 log = logging.getLogger("minisgl.kernel")
 
@@ -55,7 +56,7 @@ void store_kv(tvm::ffi::TensorView kbuf, tvm::ffi::TensorView vbuf, tvm::ffi::Te
 
 @functools.cache
 def _cuda_module():  # noqa: ANN202
-    if os.environ.get("MINISGL_DISABLE_KERNELS"):
+    if env.disable_kernels():
         return None
     try:
         import tvm_ffi.cpp

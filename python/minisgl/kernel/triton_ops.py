@@ -13,10 +13,12 @@ from types import ModuleType
 
 import torch
 
+from .. import env
+
 
 @functools.cache
 def _kernels() -> ModuleType | None:
-    if os.environ.get("MINISGL_DISABLE_KERNELS"):
+    if env.disable_kernels():
         return None
     try:
         from . import _triton_kernels
@@ -27,8 +29,8 @@ def _kernels() -> ModuleType | None:
 
 # heads per program of the q/k/RoPE kernel and its warps: 8 and 4 were fastest at 32, 160 and
 # 8192 tokens on the H100 (2.1 us at 160, 49 us at 8192; one head per program: ~2x / 3x slower)
-_HEADS_PER_PROGRAM = int(os.environ.get("MINISGL_QK_HEADS", "8"))
-_QK_WARPS = int(os.environ.get("MINISGL_QK_WARPS", "4"))
+# (read once: the launch sizes of a kernel that runs for every layer of every step)
+_HEADS_PER_PROGRAM, _QK_WARPS = env.qk_heads(), env.qk_warps()
 # the CPU tests may run the kernels in triton's interpreter (TRITON_INTERPRET=1, read at start)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

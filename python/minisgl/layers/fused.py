@@ -6,15 +6,16 @@ them after attention); CPU and float32 keep the torch code, which the GPU tests 
 from __future__ import annotations
 
 import functools
-import os
 from types import ModuleType
 
 import torch
 
+from .. import env
+
 
 @functools.cache
 def _flashinfer() -> ModuleType | None:
-    if os.environ.get("MINISGL_DISABLE_FUSED"):
+    if env.disable_fused():
         return None
     try:
         import flashinfer

@@ -13,7 +13,6 @@ import zmq
 
 from .. import messages
 from ..args import ServerArgs
-from ..core import SamplingParams
 from ..distributed import init_distributed
 from ..engine.engine import Engine
 from ..messages import AbortReq, ErrorOut, Inbox, Message, Ready, Shutdown, Stats, UserReq, encode
@@ -88,7 +87,7 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     launcher.setsockopt(zmq.LINGER, 0)  # nobody reads it on nodes other than 0: exit anyway
     launcher.connect(f"ipc://{args.zmq_dir}/launcher")
     info = dict(
-        max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size, eos_token_ids=engine.cfg.eos_token_ids,
+        max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size,
         kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size, model_path=engine.model_path,
     )  # fmt: skip
     launcher.send(encode(Ready(f"scheduler{rank}", info)))
@@ -134,10 +133,7 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
                     why = f"{sched.waiting_tokens} prompt tokens are waiting (--max-waiting-tokens {cap})"
                     emit(ErrorOut(msg.uid, f"the server is busy: {why}", 429 if n <= cap else 400))
                     continue
-                try:
-                    err = sched.add(msg.uid, msg.input_ids, SamplingParams(**msg.params))
-                except (TypeError, ValueError) as e:
-                    err = str(e)
+                err = sched.add(msg.uid, msg.input_ids, msg.params)  # checked by decode
                 if err is not None:
                     emit(ErrorOut(msg.uid, err, 400))
         if sched.busy:

@@ -13,10 +13,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from ..args import ServerArgs, decode_sort_enabled, overlap_enabled
+from .. import env
+from ..args import ServerArgs
 from ..core import Batch, FinishReason, Req, SamplingParams
 from ..engine.engine import Engine, StepOutput
-from ..messages import ErrorOut, TokenOut
+from ..messages import ErrorOut, Limits, Logprob, TokenOut, check_prompt
 from .memory import ReqMemory
 
 log = logging.getLogger("minisgl.scheduler")
@@ -30,8 +31,8 @@ class Scheduler:
         self.mem = ReqMemory(engine, args.cache)
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
-        self.overlap = overlap_enabled()
-        self.sort_decode = decode_sort_enabled()
+        self.overlap = env.overlap_scheduling()
+        self.sort_decode = env.decode_sort()
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []  # admitted; the first may still be mid-prefill (chunked)
         self.chunked: Req | None = None
@@ -48,22 +49,13 @@ class Scheduler:
     # -- requests in ----------------------------------------------------------------------
     def validate(self, input_ids: list[int], params: SamplingParams) -> str | None:
         """A user-facing reason why the request can never run, or None."""
-        if not input_ids:
-            return "the prompt is empty"
-        vocab = self.engine.cfg.vocab_size
-        if min(input_ids) < 0 or max(input_ids) >= vocab:  # C-speed scans, not a genexpr
-            return f"token ids must be in [0, {vocab})"
+        try:
+            check_prompt(input_ids, params, Limits(self.engine.max_seq_len, self.vocab))
+        except ValueError as e:
+            return str(e)
         total = len(input_ids) + params.max_tokens
-        if total > self.engine.max_seq_len:
-            return (
-                f"prompt ({len(input_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
-                f"the context length {self.engine.max_seq_len}"
-            )
         if total > self.engine.max_tokens_in_pool:
             return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
-        ids = [*(params.logit_bias or {}), *params.stop_token_ids]
-        if ids and max(ids) >= vocab:
-            return f"logit_bias and stop_token_ids must be token ids in [0, {vocab})"
         return None
 
     def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
@@ -267,10 +259,7 @@ class Scheduler:
             logprob = None
             if req.params.logprobs >= 0:
                 n = req.params.logprobs
-                logprob = [
-                    lp[0][lp_row],
-                    [[i, v] for i, v in zip(lp[2][lp_row][:n], lp[1][lp_row][:n])],
-                ]
+                logprob = Logprob(lp[0][lp_row], lp[2][lp_row][:n], lp[1][lp_row][:n])
                 lp_row += 1
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight

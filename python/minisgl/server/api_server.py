@@ -8,7 +8,6 @@ HTTP, Host / Origin / Content-Type refusals), has the OpenAI shape {"error": {..
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import logging
 import re
@@ -203,13 +202,11 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
 def _generation(api: ApiState, req: Any, prompts: list, stops: list[str], chat: bool) -> Generation:
     """Every choice of every prompt (choice-major), submitted by Generation.start."""
     params = req.to_sampling_params(api.bridge.vocab_size, api.args.max_n)
-    # wire: params. Generation and the bridge still send dicts; an unset max_tokens goes as None
-    # (the tokenizer worker fits it to the context)
-    wire = [{**dataclasses.asdict(p), "max_tokens": req.token_limit} for p in params]
+    fill = req.token_limit is None  # no max_tokens: the tokenizer worker fits it to the context
     gen = Generation(api.bridge)
     for pi, prompt in enumerate(prompts):
-        for ps in wire:
-            gen.add(pi, prompt, ps, stops, chat=chat)
+        for ps in params:
+            gen.add(pi, prompt, ps, stops, chat=chat, fill=fill)
     return gen
 
 

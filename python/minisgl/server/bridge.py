@@ -24,6 +24,7 @@ import zmq
 import zmq.asyncio
 
 from minisgl.args import ServerArgs
+from minisgl.core import SamplingParams
 from minisgl.messages import (
     STALL_S,
     AbortReq,
@@ -135,7 +136,7 @@ class Bridge:
             inbox.dispatch(await self.ready_pull.recv(), self._on_ready)
 
     def _on_ready(self, msg: Ready) -> None:
-        name = "scheduler0" if msg.name == "scheduler" else msg.name
+        name = msg.name
         if name not in self.expected:
             return
         logger.info("worker ready: %s", name)
@@ -159,8 +160,9 @@ class Bridge:
         queue: asyncio.Queue,
         index: int,
         prompt: str | list[int],
-        params: dict[str, Any],
+        params: SamplingParams,
         chat: bool = False,
+        fill: bool = False,
     ) -> ReqHandle:
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         worker, self._rr = self._rr, (self._rr + 1) % len(self.tok_push)
@@ -170,7 +172,7 @@ class Bridge:
             return h
         self.reqs[uid] = h
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        self.tok_push[worker].send(encode(TokenizeReq(uid, text, ids, params, chat)))
+        self.tok_push[worker].send(encode(TokenizeReq(uid, text, ids, params, chat, fill)))
         self.metrics.running.inc()
         return h
 

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from minisgl.args import ServerArgs
+from minisgl.core import SamplingParams
 from minisgl.messages import (
     AbortReq,
     ErrorOut,
@@ -94,20 +95,27 @@ class WorkerClient:
             msg = decode(self.ready_pull.recv())
             if not isinstance(msg, Ready):
                 continue
-            if msg.name in ("scheduler", "scheduler0"):
+            if msg.name == "scheduler0":
                 self.info = dict(msg.info)
                 for s in self.tok_push:
                     s.send(encode(Ready("config", self.info)))
             elif msg.name.startswith("tokenizer-"):
                 self.tokenizer_info = dict(msg.info)  # has_tokenizer, has_chat_template
-            ready.add("scheduler0" if msg.name == "scheduler" else msg.name)
+            ready.add(msg.name)
 
-    def submit(self, prompt: str | list[int], params: dict[str, Any], chat: bool = False) -> int:
-        """Send one request; `chat` means `prompt` is a JSON chat for the template."""
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        chat: bool = False,
+        fill: bool = False,
+    ) -> int:
+        """Send one request; `chat` means `prompt` is a JSON chat for the template; `fill`: no
+        max_tokens, generate up to the context (messages.TokenizeReq)."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         w = self.worker_of[uid] = uid % len(self.tok_push)
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params, chat)))
+        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params, chat, fill)))
         return uid
 
     def abort(self, uid: int) -> None:

@@ -21,7 +21,17 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from minisgl.messages import AbortReq, ErrorOut, FlushCache, Inbox, Stats, TextOut, TokenOut, encode
+from minisgl.messages import (
+    AbortReq,
+    ErrorOut,
+    FlushCache,
+    Inbox,
+    Logprob,
+    Stats,
+    TextOut,
+    TokenOut,
+    encode,
+)
 
 logger = logging.getLogger("minisgl.detokenizer")
 
@@ -112,13 +122,12 @@ class IncrementalDetokenizer:
                 self._token_text[token_id] = text
         return text
 
-    def render_logprobs(self, token_id: int, row: Any) -> Any:
-        """[lp, [[id, lp], ...]] from the scheduler -> [text, lp, [[id, text, lp], ...]]."""
+    def render_logprobs(self, token_id: int, row: Logprob | None) -> Logprob | None:
+        """The scheduler's record with the texts filled in."""
         if row is None:
             return None
-        lp, top = row
-        top = [[int(i), self.token_text(int(i)), float(v)] for i, v in top]
-        return [self.token_text(token_id), float(lp), top]
+        texts = [self.token_text(i) for i in row.top_ids]
+        return row._replace(text=self.token_text(token_id), top_texts=texts)
 
 
 def load_tokenizer(args: Any) -> Any | None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from minisgl.messages import ErrorOut, TextOut
+from minisgl.core import SamplingParams
+from minisgl.messages import ErrorOut, Logprob, TextOut
 
 from .bridge import Bridge, ReqHandle
 
@@ -83,14 +84,14 @@ class Choice:
     text: str = ""
     sent: int = 0  # chars of `text` already handed out
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Any] = field(default_factory=list)  # per token: [text, lp, [[id, text, lp]]]
+    logprobs: list[Logprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_len: int = 0
     cached: int = 0
     _lp_start: list[int] = field(default_factory=list)  # per logprob entry: len(text) before it
     _lp_sent: int = 0
 
-    def feed(self, msg: TextOut) -> tuple[str, list[Any]]:
+    def feed(self, msg: TextOut) -> tuple[str, list[Logprob]]:
         """Take one TextOut; return (text delta safe to emit now, logprob entries of the text
         emitted so far: those of a stop string and of an EOS that adds no text never are)."""
         self.token_ids += msg.token_ids
@@ -108,7 +109,7 @@ class Choice:
             del self.logprobs[bisect_left(self._lp_start, hit) :]
         if msg.finished is not None and self.finish_reason is None:
             self.finish_reason = msg.finished
-            last = self.logprobs[-1][0] if msg.finished == "stop" and self.logprobs else None
+            last = self.logprobs[-1].text if msg.finished == "stop" and self.logprobs else None
             if last is not None and not (last and self.text.endswith(last)):
                 self.logprobs.pop()  # the stop token's text is not in the output
         end = len(self.text) if done else len(self.text) - self.stop.holdback
@@ -127,7 +128,7 @@ class Choice:
 class Event:
     choice: Choice
     delta: str
-    logprobs: list[Any]
+    logprobs: list[Logprob]
     finished: bool
 
 
@@ -141,7 +142,7 @@ class Generation:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles: list[ReqHandle | None] = []
         self.choices: list[Choice] = []
-        self._specs: list[tuple[tuple[int, int], str | list[int], dict, bool]] = []
+        self._specs: list[tuple[tuple[int, int], str | list[int], SamplingParams, bool, bool]] = []
         self._todo: deque[int] = deque()  # choices not submitted yet, in submission order
         self._unstarted: set[int] = set()  # admitted choices without output (server-wide cap)
         self._active = 0
@@ -152,12 +153,19 @@ class Generation:
         self.deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
 
     def add(
-        self, prompt_index: int, prompt: str | list[int], params: dict, stops: list[str], chat: bool
+        self,
+        prompt_index: int,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stops: list[str],
+        chat: bool,
+        fill: bool = False,
     ) -> None:
+        """One choice; `fill`: no max_tokens was asked (messages.TokenizeReq)."""
         rank = sum(c.prompt_index == prompt_index for c in self.choices)  # choice-major order
         self.choices.append(Choice(len(self.choices), prompt_index, StopMatcher(list(stops or []))))
         self.handles.append(None)
-        self._specs.append(((rank, prompt_index), prompt, params, chat))
+        self._specs.append(((rank, prompt_index), prompt, params, chat, fill))
 
     def _admit(self) -> None:
         a, k, queued = self.bridge.args, len(self.choices), self.bridge.queued
@@ -175,8 +183,8 @@ class Generation:
     def _submit(self) -> None:
         while self._todo and self._active < self.window:
             i = self._todo.popleft()
-            _, prompt, params, chat = self._specs[i]
-            self.handles[i] = self.bridge.submit(self.queue, i, prompt, params, chat)
+            _, prompt, params, chat, fill = self._specs[i]
+            self.handles[i] = self.bridge.submit(self.queue, i, prompt, params, chat, fill)
             self._active += 1
 
     async def start(self) -> None:

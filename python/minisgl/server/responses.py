@@ -10,6 +10,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from minisgl.messages import Logprob
+
 from .generation import ApiError, Choice, Generation
 from .tools import ChatParser
 
@@ -46,25 +48,26 @@ def _bytes(text: str) -> list[int]:
 
 
 # ---- logprobs -------------------------------------------------------------------------------
-def chat_logprobs(entries: list[Any]) -> dict[str, Any]:
+def chat_logprobs(entries: list[Logprob]) -> dict[str, Any]:
     content = []
-    for text, lp, top in entries:
-        alts = [{"token": t, "logprob": v, "bytes": _bytes(t)} for _, t, v in top]
-        content.append({"token": text, "logprob": lp, "bytes": _bytes(text), "top_logprobs": alts})
+    for e in entries:
+        alts = [{"token": t, "logprob": v, "bytes": _bytes(t)} for t, v in zip(e.top_texts, e.top_logprobs)]  # fmt: skip
+        content.append({"token": e.text, "logprob": e.logprob, "bytes": _bytes(e.text), "top_logprobs": alts})  # fmt: skip
     return {"content": content}
 
 
-def completion_logprobs(entries: list[Any], offset: int) -> dict[str, Any]:
+def completion_logprobs(entries: list[Logprob], offset: int) -> dict[str, Any]:
     out: dict[str, list] = {
         "tokens": [],
         "token_logprobs": [],
         "top_logprobs": [],
         "text_offset": [],
     }
-    for text, lp, top in entries:
+    for e in entries:
+        text, lp = e.text, e.logprob
         out["tokens"].append(text)
         out["token_logprobs"].append(lp)
-        alts = {t: v for _, t, v in top}
+        alts = dict(zip(e.top_texts, e.top_logprobs))
         alts.setdefault(text, lp)  # OpenAI: the sampled token is always there (k + 1 at most)
         out["top_logprobs"].append(alts)
         out["text_offset"].append(offset)
@@ -105,13 +108,13 @@ class Formatter:
         called = p is not None and p.calls and not isinstance(p.mode, dict)
         return "tool_calls" if called and c.finish_reason == "stop" else c.finish_reason
 
-    def _logprobs(self, c: Choice, entries: list[Any]) -> dict[str, Any] | None:
+    def _logprobs(self, c: Choice, entries: list[Logprob]) -> dict[str, Any] | None:
         if not self.want_logprobs:
             return None
         if self.kind == "chat":
             return chat_logprobs(entries)
         off = self._offsets.get(c.index, 0)
-        self._offsets[c.index] = off + sum(len(e[0]) for e in entries)
+        self._offsets[c.index] = off + sum(len(e.text) for e in entries)
         return completion_logprobs(entries, off)
 
     def full(self, gen: Generation) -> dict[str, Any]:
@@ -185,11 +188,14 @@ def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) ->
     }
     if want_logprobs:
         meta["output_token_logprobs"] = [
-            [lp, tid, text if texts else None]
-            for (text, lp, _), tid in zip(c.logprobs, c.token_ids)
+            [e.logprob, tid, e.text if texts else None] for e, tid in zip(c.logprobs, c.token_ids)
         ]
         meta["output_top_logprobs"] = [
-            [[v, i, t if texts else None] for i, t, v in top] for _, _, top in c.logprobs
+            [
+                [v, i, t if texts else None]
+                for i, t, v in zip(e.top_ids, e.top_texts, e.top_logprobs)
+            ]
+            for e in c.logprobs
         ]
     return {
         "index": c.index,

@@ -17,8 +17,17 @@ import signal
 import threading
 from typing import Any
 
-from minisgl.core import SamplingParams
-from minisgl.messages import AbortReq, ErrorOut, Inbox, Ready, TokenizeReq, UserReq, encode
+from minisgl.messages import (
+    AbortReq,
+    ErrorOut,
+    Inbox,
+    Limits,
+    Ready,
+    TokenizeReq,
+    UserReq,
+    check_prompt,
+    encode,
+)
 
 logger = logging.getLogger("minisgl.tokenizer")
 RENDER_TIMEOUT_S = 2.0
@@ -38,7 +47,8 @@ class TokenizerWorker:
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
 
     def configure(self, info: dict[str, Any]) -> None:
-        self.max_seq_len, self.vocab_size = int(info["max_seq_len"]), int(info["vocab_size"])
+        self.limits = Limits(int(info["max_seq_len"]), int(info["vocab_size"]))
+        self.max_seq_len, self.vocab_size = self.limits.max_seq_len, self.limits.vocab_size
         # a prompt longer than this many characters cannot fit: skip tokenizing huge texts
         longest = 16
         if self.tok is not None:
@@ -62,42 +72,15 @@ class TokenizerWorker:
             ids = [int(i) for i in req.input_ids]
         else:
             ids = self._tokenize(req)
-        if not ids:
-            raise _Reject("the prompt is empty")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise _Reject(f"token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
-        params = dict(req.params)
-        n, ctx = len(ids), self.max_seq_len
-        if n >= ctx:
-            raise _Reject(
-                f"This model's maximum context length is {ctx} tokens; the prompt has {n} tokens "
-                "and leaves no room for the completion."
-            )
-        if params.get("max_tokens") is None:
-            params["max_tokens"] = ctx - n
-        elif n + params["max_tokens"] > ctx:
-            raise _Reject(
-                f"This model's maximum context length is {ctx} tokens. However, you requested "
-                f"{n + params['max_tokens']} tokens ({n} in the prompt, {params['max_tokens']} "
-                "for the completion). Please reduce the prompt or max_tokens."
-            )
-        bad = [i for i in params.get("stop_token_ids") or [] if not 0 <= i < self.vocab_size]
-        if bad:
-            raise _Reject(
-                f"stop token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
-            )
         try:
-            SamplingParams(**params)
-        except (TypeError, ValueError) as e:
+            params = check_prompt(ids, req.params, self.limits, req.fill)
+        except ValueError as e:  # PromptError, or min_tokens beyond a filled max_tokens
             raise _Reject(str(e)) from None
-        if params.get("grammar"):  # a bad schema is a 400 here, off the scheduler's path
+        if params.grammar:  # a bad schema is a 400 here, off the scheduler's path
             from minisgl.engine.grammar import check_grammar
 
             err = (
-                check_grammar(params["grammar"])
-                if self.tok
-                else "structured output needs a tokenizer"
+                check_grammar(params.grammar) if self.tok else "structured output needs a tokenizer"
             )
             if err:
                 raise _Reject(err)
