@@ -179,5 +179,9 @@ class Batch:
         return len(self.reqs)
 
     @property
+    def num_tokens(self) -> int:
+        return sum(self.extend_lens)
+
+    @property
     def sampled_reqs(self) -> list[Req]:
         return [r for r, s in zip(self.reqs, self.sample_mask) if s]

@@ -40,10 +40,8 @@ class GraphRunner:
     The logits stay in the pool: everything that reads them is queued on the compute stream
     before the next replay.
 
-    Its inputs are the engine's, passed in: the model and the attention backend it captures,
-    the slot table and `next_tokens` the graphs read and write (their row `scratch_row` and
-    the pool slot `scratch_slot` are reserved for padding), the seed of the per-step noise
-    and the debug-poison flag. The caller writes stale slot-table entries before `run`."""
+    Everything it uses is passed in; row `scratch_row` of `slots` and `next_tokens` and the
+    pool slot `scratch_slot` are kept for padding. The caller flushes stale slots before `run`."""
 
     META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
 

@@ -1,5 +1,4 @@
-"""KV memory: the paged pool (`pool`), the slot table (`slots`) and the prefix-cache managers
-(`base` is their interface, `radix` and `naive` implement it)."""
+"""The prefix-cache managers behind `base.BaseCacheManager`, made by name."""
 
 from __future__ import annotations
 

@@ -277,9 +277,8 @@ class Scheduler:
                 self.mem.cache_prefix(req, p + e)
 
     def _fail_corrupted(self, req: Req, tok: int) -> None:
-        # a corrupted step (issue 15: the host copy was overwritten): fail this request alone;
-        # checked on the host copy, where that corruption happened, after the step's event
-        # (no extra sync)
+        # issue 15: a step's host copy was overwritten. Fail this request alone; checked on
+        # the host copy, where that corruption happened, after the step's event (no sync)
         log.error("request %d: sampled id %d outside [0, %d)", req.uid, tok, self.vocab)
         self._finish(req)
         self.on_output(ErrorOut(req.uid, "internal error: invalid token sampled", 500))
@@ -317,8 +316,7 @@ def _logprobs(out: StepOutput, sampled: list[Req]) -> list[list | None]:
     chosen, top_values, top_ids = (x.tolist() for x in out.logprobs)
     rows, i = [], 0
     for req in sampled:
-        n = req.params.logprobs
-        if n < 0:
+        if (n := req.params.logprobs) < 0:
             rows.append(None)
             continue
         rows.append([chosen[i], [[t, v] for t, v in zip(top_ids[i][:n], top_values[i][:n])]])
