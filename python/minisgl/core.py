@@ -161,9 +161,8 @@ def stop_reason(req: Req, eos: Container[int], max_seq_len: int) -> FinishReason
 @dataclass
 class Batch:
     """A forward batch: request i computes `extend_lens[i]` tokens after its `prefix_lens[i]`.
-
-    The per-request lists are this step's values, taken when it was scheduled: by the time
-    the step is processed (one step later under overlap) the `Req` counters have moved on."""
+    The lists hold the values at scheduling: under overlap the `Req` counters move on before
+    the step is processed."""
 
     reqs: list[Req]
     is_prefill: bool

@@ -96,7 +96,6 @@ class Engine:
         )  # fmt: skip
         # row `max_reqs` is a scratch row that padded CUDA-graph entries point at
         self.slots = SlotTable(self.max_reqs + 1, self.max_seq_len, self.device)
-        self.slot_table = self.slots.device
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
         # debug mode: memory that must be written before it is read starts as NaN / out-of-range
         # ids, and every sampled-from logit row is checked for non-finite values (issue 15)
@@ -186,7 +185,7 @@ class Engine:
             list(batch.prefix_lens), list(batch.extend_lens), rows.tolist(),
         )  # fmt: skip
         # record the new slots in the table so attention (and later steps) can find them
-        self.slot_table[d_wrow, d_wpos] = d_wval.to(torch.int32)
+        self.slots.device[d_wrow, d_wpos] = d_wval.to(torch.int32)
         return meta, d_pos
 
     def _flush_stale_slots(self) -> None:
@@ -195,7 +194,7 @@ class Engine:
         stale = self.slots.take_stale()
         if stale[0].size:
             r, p, v = h2d(torch.from_numpy(np.concatenate(stale)), self.device).split(len(stale[0]))
-            self.slot_table[r, p] = v.to(torch.int32)
+            self.slots.device[r, p] = v.to(torch.int32)
 
     @torch.inference_mode()
     def forward(self, batch: Batch) -> StepOutput:

@@ -40,8 +40,8 @@ class GraphRunner:
     The logits stay in the pool: everything that reads them is queued on the compute stream
     before the next replay.
 
-    Everything it uses is passed in; row `scratch_row` of `slots` and `next_tokens` and the
-    pool slot `scratch_slot` are kept for padding. The caller flushes stale slots before `run`."""
+    Everything it uses is passed in (padding uses row `scratch_row` and pool slot `scratch_slot`);
+    the caller writes stale slot-table entries before `run`."""
 
     META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
 

@@ -164,10 +164,8 @@ class Scheduler:
         if not reqs:
             return None
         input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
-        sample = [r.cached_len == r.device_len for r in reqs]
-        for r, done in zip(reqs, sample):
-            if not done:
-                self.chunked = r
+        sample = [r.cached_len == r.device_len for r in reqs]  # False: the budget ran out
+        self.chunked = next((r for r, done in zip(reqs, sample) if not done), None)
         batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
         self._advance(batch)
         self.counters["prefill_tokens"] += sum(extends)
