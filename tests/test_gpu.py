@@ -229,7 +229,7 @@ def test_fused_ops_match_torch() -> None:
     the CPU path runs (bf16 tolerances)."""
     import torch.nn.functional as F
 
-    from minisgl.layers.fused import fused_ops
+    from minisgl.kernel.fused import fused_ops
     from minisgl.layers.norm import RMSNorm
     from minisgl.layers.rotary import RotaryEmbedding, _rotate
 

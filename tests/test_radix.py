@@ -8,7 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from minisgl.kvcache.base import create_cache_manager
+from minisgl.kvcache import create_cache_manager
 from minisgl.kvcache.naive import NaiveCacheManager
 from minisgl.kvcache.radix import RadixCacheManager
 

@@ -502,6 +502,42 @@ def test_stop_token_ids_and_length(small_llama_dir: str, overlap: bool) -> None:
     assert_idle(llm)
 
 
+def test_stop_reason_is_pure() -> None:
+    """EOS (unless ignore_eos), stop ids (always), then max_tokens and the context length."""
+    from minisgl.core import FinishReason, Req, stop_reason
+
+    def why(outputs: list[int], max_seq_len: int = 100, **kw: object) -> FinishReason | None:
+        req = Req(0, [1, 2, 3], SamplingParams(max_tokens=4, **kw))  # type: ignore[arg-type]
+        req.token_ids += outputs
+        before = (list(req.token_ids), req.device_len, req.cached_len, req.finished)
+        reason = stop_reason(req, {9}, max_seq_len)
+        assert (req.token_ids, req.device_len, req.cached_len, req.finished) == before
+        return reason
+
+    assert why([5]) is None and why([5, 6, 7]) is None
+    assert why([9]) is FinishReason.STOP and why([9], ignore_eos=True) is None
+    assert why([7], stop_token_ids=[7], ignore_eos=True) is FinishReason.STOP
+    assert why([5, 6, 7, 8]) is FinishReason.LENGTH  # max_tokens
+    assert why([5], max_seq_len=4) is FinishReason.LENGTH  # the context is full
+    assert why([5, 6, 7, 9], ignore_eos=True) is FinishReason.LENGTH
+    assert why([5, 6, 7, 9]) is FinishReason.STOP  # a stop beats the length
+
+
+def test_req_state() -> None:
+    """`extend_len`, `can_decode` and `token_in_flight` along a request's life."""
+    from minisgl.core import Req
+
+    req = Req(0, [1, 2, 3, 4], SamplingParams(max_tokens=2))
+    assert (req.extend_len, req.can_decode, req.token_in_flight) == (4, False, False)
+    req.cached_len = 3  # only the newest token lacks KV (mid-chunk: the scheduler knows)
+    assert req.extend_len == 1 and req.can_decode
+    req.cached_len, req.device_len = 4, 5  # prefill done, its token sampled on the device
+    assert req.token_in_flight and req.can_decode
+    req.token_ids.append(7)
+    req.cached_len, req.device_len = 5, 6  # decoded the last of max_tokens: nothing to sample
+    assert req.token_in_flight and not req.can_decode
+
+
 def test_generation_config_eos(small_llama_dir: str, tmp_path: Path) -> None:
     """EOS ids from generation_config.json stop a request unless ignore_eos is set."""
     base = make_llm(small_llama_dir)

@@ -41,8 +41,8 @@ def test_scheduler_fails_only_the_request_with_a_bad_id(
         sched.add(uid, [5, 6, 7, 8], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     forward, hits = llm.engine.forward, []
 
-    def corrupt(batch, all_logits=False):  # noqa: ANN001, ANN202
-        out = forward(batch, all_logits)
+    def corrupt(batch):  # noqa: ANN001, ANN202
+        out = forward(batch)
         if not batch.is_prefill and out.tokens is not None and not hits:
             hits.append(batch.reqs[0].uid)
             out.tokens = out.tokens.clone()

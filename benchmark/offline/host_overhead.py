@@ -44,7 +44,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     times = {True: [], False: []}
 
-    def stub_forward(batch, all_logits=False):  # noqa: ANN001, ANN202
+    def stub_forward(batch):  # noqa: ANN001, ANN202
         t0 = time.perf_counter()
         meta, _ = eng._meta(batch)  # the real per-step host metadata work
         picked = [r for r, s in zip(batch.reqs, batch.sample_mask) if s]

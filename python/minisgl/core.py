@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -101,8 +102,9 @@ class Req:
     """One request inside the scheduler.
 
     `token_ids` holds prompt + outputs known on the host. `device_len` counts tokens that
-    exist on the device (it runs one ahead of the host under overlap scheduling) and
-    `cached_len` counts tokens whose KV is already in the cache.
+    exist on the device (it runs one ahead of the host under overlap scheduling: the
+    `token_in_flight`) and `cached_len` counts tokens whose KV is already in the cache; the
+    `extend_len` tokens between the two are computed by the next prefill chunk or decode step.
     """
 
     uid: int
@@ -115,8 +117,7 @@ class Req:
     cache_hit: int = 0  # tokens currently shared with the prefix cache (page aligned)
     prompt_cached: int = -1  # prompt tokens found in the cache at first admission (reported)
     cache_handle: Any = None
-    finished: bool = False
-    finish_reason: FinishReason | None = None
+    finished: bool = False  # stopped or aborted: a token still in flight for it is dropped
     grammar: Any = None  # Future of the compiled grammar of params.grammar
 
     def __post_init__(self) -> None:
@@ -131,10 +132,37 @@ class Req:
     def num_outputs(self) -> int:
         return len(self.token_ids) - self.prompt_len
 
+    @property
+    def extend_len(self) -> int:
+        return self.device_len - self.cached_len
+
+    @property
+    def can_decode(self) -> bool:
+        """Prefilled (only the newest token lacks KV) and a token left to sample."""
+        return self.cached_len == self.device_len - 1 < self.max_device_len - 1
+
+    @property
+    def token_in_flight(self) -> bool:
+        """Its last sampled token has not reached the host yet (overlap scheduling)."""
+        return self.device_len > len(self.token_ids)
+
+
+def stop_reason(req: Req, eos: Container[int], max_seq_len: int) -> FinishReason | None:
+    """Why `req` stops after its newest token, or None. Pure: reads the request only. A stop
+    token is kept in the output and counts even with `ignore_eos`."""
+    tok, p = req.token_ids[-1], req.params
+    if (tok in eos and not p.ignore_eos) or tok in p.stop_token_ids:
+        return FinishReason.STOP
+    if req.num_outputs >= p.max_tokens or len(req.token_ids) >= max_seq_len:
+        return FinishReason.LENGTH
+    return None
+
 
 @dataclass
 class Batch:
-    """A forward batch: every request extends from `cached_len` to `cached_len + extend_len`."""
+    """A forward batch: request i computes `extend_lens[i]` tokens after its `prefix_lens[i]`.
+    The lists hold the values at scheduling: under overlap the `Req` counters move on before
+    the step is processed."""
 
     reqs: list[Req]
     is_prefill: bool
@@ -152,3 +180,7 @@ class Batch:
     @property
     def num_tokens(self) -> int:
         return sum(self.extend_lens)
+
+    @property
+    def sampled_reqs(self) -> list[Req]:
+        return [r for r, s in zip(self.reqs, self.sample_mask) if s]

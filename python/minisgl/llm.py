@@ -221,7 +221,7 @@ class LLM:
             out_loc = mem.extend(req, len(token_ids))
             req.cached_len = len(token_ids)
             batch = Batch([req], True, [len(token_ids)], [0], [False], out_loc, list(token_ids))
-            return self.engine.forward(batch, all_logits=True).tokens.float().cpu()
+            return self.engine.prefill_logits(batch).float().cpu()
         finally:
             req.cache_hit, req.token_ids = 0, []
             mem.release(req)

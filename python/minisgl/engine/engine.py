@@ -21,6 +21,7 @@ from ..kvcache.slots import SlotTable, token_coords
 from ..models import ModelConfig, check_architecture, create_model
 from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
 from ..utils import h2d
+from .graph import GraphRunner
 from .sampler import Sampler, SamplingInfo, gather_logprobs
 
 log = logging.getLogger("minisgl.engine")
@@ -96,7 +97,6 @@ class Engine:
         )  # fmt: skip
         # row `max_reqs` is a scratch row that padded CUDA-graph entries point at
         self.slots = SlotTable(self.max_reqs + 1, self.max_seq_len, self.device)
-        self.slot_table = self.slots.device
         self.next_tokens = torch.zeros(self.max_reqs + 1, dtype=torch.int64, device=self.device)
         # debug mode: memory that must be written before it is read starts as NaN / out-of-range
         # ids, and every sampled-from logit row is checked for non-finite values (issue 15)
@@ -113,11 +113,17 @@ class Engine:
         self.sampler = Sampler(self.device, args.seed + 1, self.cfg.eos_token_ids)
         self._sinfo: SamplingInfo | None = None
         self._sinfo_key: tuple = ()
-        self.graphs = None
+        self.graphs: GraphRunner | None = None
+        max_bs = min(
+            256 if args.cuda_graph_max_bs is None else args.cuda_graph_max_bs, self.max_reqs
+        )
         if self.device == "cuda":
-            from .graph import maybe_create_graph_runner
-
-            self.graphs = maybe_create_graph_runner(self)
+            if max_bs and self.attn.supports_graph:
+                self.graphs = GraphRunner(
+                    self.model, self.attn, self.slots, self.next_tokens, max_bs,
+                    scratch_row=self.max_reqs, scratch_slot=self.scratch_page * self.page_size,
+                    seed=args.seed + 1, poison=self.poison,
+                )  # fmt: skip
             # what exists now lives as long as the process: keep it out of the collector's
             # full passes, which otherwise walk every imported module's objects mid-decode
             gc.collect()
@@ -182,39 +188,47 @@ class Engine:
             list(batch.prefix_lens), list(batch.extend_lens), rows.tolist(),
         )  # fmt: skip
         # record the new slots in the table so attention (and later steps) can find them
-        self.slot_table[d_wrow, d_wpos] = d_wval.to(torch.int32)
+        self.slots.device[d_wrow, d_wpos] = d_wval.to(torch.int32)
         return meta, d_pos
 
-    def flush_stale_slots(self) -> None:
+    def _flush_stale_slots(self) -> None:
         """Write slot-table entries the scheduler changed on the host (for steps that do not
         go through `_meta`, i.e. CUDA-graph decode steps)."""
         stale = self.slots.take_stale()
         if stale[0].size:
             r, p, v = h2d(torch.from_numpy(np.concatenate(stale)), self.device).split(len(stale[0]))
-            self.slot_table[r, p] = v.to(torch.int32)
+            self.slots.device[r, p] = v.to(torch.int32)
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, all_logits: bool = False) -> StepOutput:
+    def forward(self, batch: Batch) -> StepOutput:
+        """Launch one step: its KV writes and the sampled tokens (copied to the host)."""
         if self.graphs is not None and self.graphs.can_run(batch):
-            return self._forward_graph(batch, all_logits)
+            return self._forward_graph(batch)
+        meta, h = self._run_model(batch)
+        if batch.is_prefill:
+            h = h[h2d(torch.tensor(batch.extend_lens).cumsum(0) - 1, self.device)]
+        return self._sample(batch, meta.rows, self.model.logits(h))
+
+    @torch.inference_mode()
+    def prefill_logits(self, batch: Batch) -> torch.Tensor:
+        """The logits at every position of a prefill batch, eager, nothing sampled (tests)."""
+        assert batch.is_prefill
+        return self.model.logits(self._run_model(batch)[1])
+
+    def _run_model(self, batch: Batch) -> tuple[AttnMeta, torch.Tensor]:
+        """The eager forward: metadata, KV writes and the hidden states of every new token."""
         meta, positions = self._meta(batch)
         if batch.is_prefill:
             input_ids = h2d(torch.tensor(batch.input_ids, dtype=torch.int64), self.device)
         else:
             input_ids = self.next_tokens[meta.rows]
         self.attn.prepare(meta)
-        h = self.model(input_ids, positions, self.attn)
-        if all_logits:
-            return StepOutput(batch, self.model.logits(h), None, None)
-        if batch.is_prefill:
-            h = h[h2d(torch.tensor(batch.extend_lens).cumsum(0) - 1, self.device)]
-        return self._sample(batch, meta.rows, self.model.logits(h))
+        return meta, self.model(input_ids, positions, self.attn)
 
-    def _forward_graph(self, batch: Batch, all_logits: bool) -> StepOutput:
+    def _forward_graph(self, batch: Batch) -> StepOutput:
         info = self._sampling_info(batch.reqs, batch.sample_positions)
+        self._flush_stale_slots()
         logits, tokens = self.graphs.run(batch, info)
-        if all_logits:
-            return StepOutput(batch, logits, None, None)
         # sampled outside the graph: top-k/top-p rows, logits processing (logits.py), no Triton
         if tokens is None or info.needs_processing:
             return self._sample(batch, self.graphs.rows[: batch.size], logits)

@@ -6,29 +6,18 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..attention.base import AttnMeta
+from ..attention.base import AttentionBackend, AttnMeta
 from ..core import Batch
 from ..kernel import triton_ops
+from ..kvcache.slots import SlotTable
 from .sampler import SamplingInfo
 
-if TYPE_CHECKING:
-    from .engine import Engine
-
 log = logging.getLogger("minisgl.engine")
-
-
-def maybe_create_graph_runner(engine: Engine) -> GraphRunner | None:
-    max_bs = engine.args.cuda_graph_max_bs
-    if max_bs is None:
-        max_bs = min(256, engine.max_reqs)
-    if max_bs == 0 or not engine.attn.supports_graph:
-        return None
-    return GraphRunner(engine, min(max_bs, engine.max_reqs))
 
 
 class GraphRunner:
@@ -49,21 +38,26 @@ class GraphRunner:
     words read as int64 ids, issue 15). They therefore live in `token_out`, outside the pool,
     one row per buffer set, and a replay waits until the copy of its row's last tokens is done.
     The logits stay in the pool: everything that reads them is queued on the compute stream
-    before the next replay."""
+    before the next replay.
+
+    Everything it uses is passed in (padding uses row `scratch_row` and pool slot `scratch_slot`);
+    the caller writes stale slot-table entries before `run`."""
 
     META_ROWS = 5  # rows, positions, out_loc, seeds, temperatures (float32 bits), as int32
 
-    def __init__(self, engine: Engine, max_bs: int) -> None:
-        self.engine = engine
+    def __init__(
+        self, model: nn.Module, attn: AttentionBackend, slots: SlotTable, next_tokens: torch.Tensor,
+        max_bs: int, scratch_row: int, scratch_slot: int, seed: int, poison: bool,
+    ) -> None:  # fmt: skip
+        self.model, self.attn, self.slots, self.next_tokens = model, attn, slots, next_tokens
         self.buckets = sorted(
             {b for b in (1, 2, 4, 8, *range(16, max_bs + 1, 16)) if b <= max_bs} | {max_bs}
         )
         self.max_bs = max_bs
-        dev = engine.device
-        self.scratch_row = engine.max_reqs
-        self.scratch_slot = engine.scratch_page * engine.page_size
-        engine.slot_table[self.scratch_row, 0] = self.scratch_slot
-        engine.slots.np[self.scratch_row, 0] = self.scratch_slot
+        dev = next_tokens.device
+        self.scratch_row, self.scratch_slot = scratch_row, scratch_slot
+        slots.device[scratch_row, 0] = scratch_slot
+        slots.np[scratch_row, 0] = scratch_slot
         self.meta_buf = torch.zeros(2, self.META_ROWS, max_bs, dtype=torch.int32, device=dev)
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=dev)
@@ -74,7 +68,7 @@ class GraphRunner:
         # padding entries read and write the scratch slot of the scratch row, greedily
         self.pad = np.array([self.scratch_row, 0, self.scratch_slot, 0, 0], dtype=np.int32)
         self.triton = triton_ops.available(self.meta_buf)  # prologue and sampling kernels
-        self.rng = np.random.default_rng(engine.args.seed + 1)
+        self.rng = np.random.default_rng(seed)
         self.logits: dict[tuple[int, int], torch.Tensor] = {}
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.copy_stream = torch.cuda.Stream()  # metadata in
@@ -82,7 +76,7 @@ class GraphRunner:
         self.buf, self.last_buf = 0, 1  # the buffer sets of the next and the last replay
         self.released: list[torch.cuda.Event | None] = [None, None]  # set free once its graph ran
         self.copied_out: list[torch.cuda.Event | None] = [None, None]  # its tokens read back
-        engine.attn.init_graph(max_bs)
+        attn.init_graph(max_bs)
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
@@ -90,7 +84,7 @@ class GraphRunner:
                 self._capture(bs, buf, pool)
         log.info("captured %d CUDA graphs (batch sizes up to %d) in %.1f s", len(self.buckets), max_bs,
                  time.perf_counter() - start)  # fmt: skip
-        if engine.poison:  # what a replay reads must be what it or its copies wrote
+        if poison:  # what a replay reads must be what it or its copies wrote
             self._poison()
 
     @torch.inference_mode()
@@ -111,30 +105,29 @@ class GraphRunner:
 
     def _step(self, bs: int, buf: int) -> None:
         """The captured work of one decode step of (padded) size `bs`."""
-        eng, m = self.engine, self.meta_buf[buf, :, :bs]
+        m, table = self.meta_buf[buf, :, :bs], self.slots.device
         if self.triton:  # Triton: one kernel for the five steps below
-            triton_ops.decode_prologue(m, eng.next_tokens, eng.slot_table, self.input_ids[:bs],
+            triton_ops.decode_prologue(m, self.next_tokens, table, self.input_ids[:bs],
                                        self.rows[:bs], self.positions[:bs], self.out_loc[:bs])  # fmt: skip
         else:
             self.rows[:bs].copy_(m[0])
             self.positions[:bs].copy_(m[1])
             self.out_loc[:bs].copy_(m[2])
-            torch.index_select(eng.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
-            eng.slot_table[self.rows[:bs], self.positions[:bs]] = m[2]
-        hidden = eng.model(self.input_ids[:bs], self.positions[:bs], eng.attn)
-        logits = eng.model.logits(hidden)
+            torch.index_select(self.next_tokens, 0, self.rows[:bs], out=self.input_ids[:bs])
+            table[self.rows[:bs], self.positions[:bs]] = m[2]
+        hidden = self.model(self.input_ids[:bs], self.positions[:bs], self.attn)
+        logits = self.model.logits(hidden)
         self.logits[bs, buf] = logits
         if self.triton:
             temps = m[4].view(torch.float32)
             out = self.token_out[buf, :bs]
-            triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], eng.next_tokens, out)
+            triton_ops.gumbel_sample(logits, temps, m[3], self.rows[:bs], self.next_tokens, out)
 
     @torch.inference_mode()
     def _capture(self, bs: int, buf: int, pool: object) -> None:
-        eng = self.engine
         self.meta_buf[buf, :, :bs] = torch.from_numpy(self.pad[:, None]).to(self.meta_buf.device)
         meta = self._attn_meta(bs, [self.scratch_row] * bs, [0] * bs)
-        eng.attn.prepare_graph_capture(bs, meta, buf)
+        self.attn.prepare_graph_capture(bs, meta, buf)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -152,9 +145,8 @@ class GraphRunner:
     def run(self, batch: Batch, info: SamplingInfo) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay the step for `batch`; returns (logits [B, V], sampled tokens [B] or None when
         the caller must sample: rows with top-k/top-p, or no Triton)."""
-        eng, b = self.engine, batch.size
+        b = batch.size
         bs = self.buckets[bisect.bisect_left(self.buckets, b)]
-        eng.flush_stale_slots()
         host = np.empty((self.META_ROWS, self.max_bs), dtype=np.int32)
         host[:, b:] = self.pad[:, None]
         rows_host = [r.table_idx for r in batch.reqs]
@@ -175,7 +167,7 @@ class GraphRunner:
             self.copy_stream.wait_event(self.released[buf])
         with torch.cuda.stream(self.copy_stream):
             self.meta_buf[buf].copy_(torch.from_numpy(host).pin_memory(), non_blocking=True)
-            eng.attn.prepare_graph_replay(bs, padded, buf)
+            self.attn.prepare_graph_replay(bs, padded, buf)
         compute.wait_stream(self.copy_stream)
         if self.copied_out[buf] is not None:  # the tokens this graph overwrites were read
             compute.wait_event(self.copied_out[buf])

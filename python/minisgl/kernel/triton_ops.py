@@ -39,6 +39,12 @@ def available(x: torch.Tensor) -> bool:
     return (x.is_cuda or _INTERPRET) and _kernels() is not None
 
 
+def fits_qk_norm_rope_store(qkv: torch.Tensor, head_dim: int) -> bool:
+    """The kernel rotates halves with tl.arange: 16-bit, power-of-two head sizes from 32."""
+    pow2 = head_dim >= 32 and head_dim & (head_dim - 1) == 0
+    return pow2 and qkv.dtype != torch.float32 and available(qkv)
+
+
 def qk_norm_rope_store(
     qkv: torch.Tensor,
     pos: torch.Tensor,

@@ -55,15 +55,3 @@ class BaseCacheManager(ABC):
 
     def check(self) -> None:  # noqa: B027 (optional hook, default: nothing to check)
         """Raise AssertionError if internal invariants are broken (used by tests)."""
-
-
-def create_cache_manager(kind: str, page_size: int) -> BaseCacheManager:
-    if kind == "radix":
-        from .radix import RadixCacheManager
-
-        return RadixCacheManager(page_size)
-    if kind == "naive":
-        from .naive import NaiveCacheManager
-
-        return NaiveCacheManager(page_size)
-    raise ValueError(f"unknown cache manager {kind!r}; choose radix or naive")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import fused_ops
+from ..kernel.fused import fused_ops
 from .linear import _param, default_loader
 
 

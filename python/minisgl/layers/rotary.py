@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fused import fused_ops
+from ..kernel.fused import fused_ops
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:

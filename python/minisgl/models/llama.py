@@ -11,8 +11,8 @@ from torch import nn
 from ..attention.base import AttentionBackend
 from ..distributed import get_tp_info
 from ..kernel import triton_ops
+from ..kernel.fused import fused_ops
 from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from ..layers.fused import fused_ops
 from ..layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from ..layers.moe import SparseMoeBlock
 from ..layers.norm import RMSNorm
@@ -39,12 +39,10 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        # the Triton kernel rotates halves with tl.arange: 16-bit, power-of-two head sizes
-        self.fused = (cfg.head_dim & (cfg.head_dim - 1)) == 0 and cfg.head_dim >= 32
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if self.fused and qkv.dtype != torch.float32 and triton_ops.available(qkv):
+        if triton_ops.fits_qk_norm_rope_store(qkv, self.head_dim):
             # one kernel: q/k norm, RoPE, and K/V written straight into the cache
             qn, kn = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
             k_buf, v_buf, loc = attn.kv_target(self.layer)

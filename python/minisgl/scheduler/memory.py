@@ -7,7 +7,7 @@ import numpy as np
 
 from ..core import Req
 from ..engine.engine import Engine
-from ..kvcache.base import create_cache_manager
+from ..kvcache import create_cache_manager
 from ..kvcache.pool import PageAllocator
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from .. import env
 from ..args import ServerArgs
-from ..core import Batch, FinishReason, Req, SamplingParams
+from ..core import Batch, Req, SamplingParams, stop_reason
 from ..engine.engine import Engine, StepOutput
 from ..messages import ErrorOut, Limits, Logprob, TokenOut, check_prompt
 from .memory import ReqMemory
@@ -80,7 +80,7 @@ class Scheduler:
         req = self.reqs.get(uid)
         if req is None or req.finished:
             return False
-        self._finish(req, FinishReason.ABORT)  # whoever aborts already knows: no output
+        self._finish(req)  # whoever aborts already knows: no output
         return True
 
     @property
@@ -101,12 +101,7 @@ class Scheduler:
             self.mem.check(list(self.reqs.values()))
 
     def _schedule(self) -> Batch | None:
-        # prefill done (only the newest token lacks KV), not mid-chunk, tokens left to sample
-        decodable = [
-            r
-            for r in self.running
-            if r is not self.chunked and r.cached_len == r.device_len - 1 < r.max_device_len - 1
-        ]
+        decodable = [r for r in self.running if r is not self.chunked and r.can_decode]
         if (self.chunked or self.waiting) and not (self.last_was_prefill and decodable):
             batch = self._schedule_prefill()
             if batch is not None:
@@ -130,7 +125,7 @@ class Scheduler:
 
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
-            n = min(chunked.device_len - chunked.cached_len, budget)
+            n = min(chunked.extend_len, budget)
             if self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
                 take(chunked, n)
                 budget -= n
@@ -139,12 +134,12 @@ class Scheduler:
                 return None  # and admit nobody before it
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            if req.device_len > len(req.token_ids):
-                break  # a retracted request whose last token is still in flight
+            if req.token_in_flight:
+                break  # a retracted request: readmitted once its last token has arrived
             if req.grammar is not None and not req.grammar.done():
                 break  # its grammar is still compiling (engine/grammar.py)
             if req.grammar is not None and req.grammar.exception() is not None:
-                self._finish(req, FinishReason.ABORT)
+                self._finish(req)
                 self.on_output(ErrorOut(req.uid, f"grammar: {req.grammar.exception()}", 400))
                 continue
             if not self.mem.admit(req, budget, reserve=len(self.running)):
@@ -155,16 +150,14 @@ class Scheduler:
             if req.prompt_cached < 0:
                 req.prompt_cached = min(req.cache_hit, req.prompt_len)
                 self.counters["prefix_hit_tokens"] += req.prompt_cached
-            n = min(req.device_len - req.cached_len, budget)
+            n = min(req.extend_len, budget)
             take(req, n)
             budget -= n
         if not reqs:
             return None
         input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
-        sample = [r.cached_len == r.device_len for r in reqs]
-        for r, done in zip(reqs, sample):
-            if not done:
-                self.chunked = r
+        sample = [r.cached_len == r.device_len for r in reqs]  # False: the budget ran out
+        self.chunked = next((r for r, done in zip(reqs, sample) if not done), None)
         batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
         self._advance(batch)
         self.counters["prefill_tokens"] += sum(extends)
@@ -243,43 +236,20 @@ class Scheduler:
 
     # -- results ----------------------------------------------------------------------------
     def _process(self, out: StepOutput) -> None:
-        b = out.batch
-        for req, p, e, s in zip(b.reqs, b.prefix_lens, b.extend_lens, b.sample_mask):
-            if not s and not req.finished:  # a chunk done: later requests can share it
-                self.mem.cache_prefix(req, p + e)
+        """A launched step's results: append its tokens, stop requests, send one `TokenOut`."""
+        self._share_chunks(out.batch)
         if out.tokens is None:
             return
         out.wait()
-        tokens = out.tokens.tolist()
-        lp = [x.tolist() for x in out.logprobs] if out.logprobs is not None else None
-        sampled = [r for r, s in zip(out.batch.reqs, out.batch.sample_mask) if s]
-        msg = TokenOut([], [], [], [], [], [])
-        lp_row = 0
-        for req, tok in zip(sampled, tokens):
-            logprob = None
-            if req.params.logprobs >= 0:
-                n = req.params.logprobs
-                logprob = Logprob(lp[0][lp_row], lp[2][lp_row][:n], lp[1][lp_row][:n])
-                lp_row += 1
+        sampled, msg = out.batch.sampled_reqs, TokenOut([], [], [], [], [], [])
+        for req, tok, logprob in zip(sampled, out.tokens.tolist(), _logprobs(out, sampled)):
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight
             if not 0 <= tok < self.vocab:
-                # a corrupted step (issue 15: the host copy was overwritten): fail this request
-                # alone; checked on the host copy, where that corruption happened, after the
-                # step's event (no extra sync)
-                log.error("request %d: sampled id %d outside [0, %d)", req.uid, tok, self.vocab)
-                self._finish(req, FinishReason.ABORT)
-                self.on_output(ErrorOut(req.uid, "internal error: invalid token sampled", 500))
+                self._fail_corrupted(req, tok)
                 continue
             req.token_ids.append(tok)
-            reason = None
-            if (tok in self.eos and not req.params.ignore_eos) or tok in req.params.stop_token_ids:
-                reason = FinishReason.STOP
-            elif (
-                req.num_outputs >= req.params.max_tokens
-                or len(req.token_ids) >= self.engine.max_seq_len
-            ):
-                reason = FinishReason.LENGTH
+            reason = stop_reason(req, self.eos, self.engine.max_seq_len)
             msg.uids.append(req.uid)
             msg.tokens.append(tok)
             msg.finished.append(reason.value if reason else None)
@@ -287,12 +257,24 @@ class Scheduler:
             msg.cached.append(req.prompt_cached)
             msg.prompt_lens.append(req.prompt_len)
             if reason is not None:
-                self._finish(req, reason)
+                self._finish(req)
         if msg.uids:
             self.on_output(msg)
 
-    def _finish(self, req: Req, reason: FinishReason) -> None:
-        req.finished, req.finish_reason = True, reason
+    def _share_chunks(self, b: Batch) -> None:
+        for req, p, e, s in zip(b.reqs, b.prefix_lens, b.extend_lens, b.sample_mask):
+            if not s and not req.finished:  # a chunk done: later requests can share it
+                self.mem.cache_prefix(req, p + e)
+
+    def _fail_corrupted(self, req: Req, tok: int) -> None:
+        # issue 15: a step's host copy was overwritten. Fail this request alone; checked on
+        # the host copy, where that corruption happened, after the step's event (no sync)
+        log.error("request %d: sampled id %d outside [0, %d)", req.uid, tok, self.vocab)
+        self._finish(req)
+        self.on_output(ErrorOut(req.uid, "internal error: invalid token sampled", 500))
+
+    def _finish(self, req: Req) -> None:
+        req.finished = True
         if req in self.running:
             self.running.remove(req)
             self.mem.release(req)
@@ -314,3 +296,19 @@ class Scheduler:
             pages_used=self.mem.pages.num_pages - self.mem.pages.num_free,
             **self.counters,
         )
+
+
+def _logprobs(out: StepOutput, sampled: list[Req]) -> list[Logprob | None]:
+    """Per sampled request: its Logprob record with `logprobs=k` (k top entries), else None.
+    The step gathered one row per request that asked for them, in batch order."""
+    if out.logprobs is None:
+        return [None] * len(sampled)
+    chosen, top_values, top_ids = (x.tolist() for x in out.logprobs)
+    rows, i = [], 0
+    for req in sampled:
+        if (n := req.params.logprobs) < 0:
+            rows.append(None)
+            continue
+        rows.append(Logprob(chosen[i], top_ids[i][:n], top_values[i][:n]))
+        i += 1
+    return rows
