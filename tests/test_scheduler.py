@@ -115,6 +115,21 @@ def token_ids(results: list[dict[str, object]]) -> list[list[int]]:
     return [list(r["token_ids"]) for r in results]  # type: ignore[call-overload]
 
 
+def assert_same_greedy(llm: LLM, prompts: list, out: list, ref: list, tol: float = 1e-4) -> None:
+    """out == ref, except where a request's two outputs part at a float32 near-tie: a different
+    batch composition sums in another order (the CPU's BLAS picks kernels by ISA), so the two
+    best logits may swap. Both tokens must then be within `tol` of the best logit there."""
+    assert len(out) == len(ref)
+    for p, a, b in zip(prompts, out, ref):
+        if a == b:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert k < min(len(a), len(b)), (a, b)  # same tokens, different lengths: a real bug
+        row = llm.prefill_logits(list(p) + b[:k])[-1].double()
+        best = row.max().item()
+        assert row[a[k]].item() >= best - tol and row[b[k]].item() >= best - tol, (k, a, b)
+
+
 # --------------------------------------------------------------------------- 2. prefix cache
 
 
@@ -296,7 +311,7 @@ def test_kv_pressure_retracts_and_recovers(
         f"prefill_tokens={st['prefill_tokens']} decode_tokens={st['decode_tokens']} "
         f"prefix_hit_tokens={st['prefix_hit_tokens']}"
     )
-    assert out == ref
+    assert_same_greedy(llm, prompts, out, ref)
     assert st["retracted"] > 0
     assert steps["max_batch"] <= 6
     assert_idle(llm)
@@ -330,7 +345,7 @@ def test_cached_tokens_stay_within_the_prompt_after_retraction(
     prompts, params, ref = pressure_workload
     llm = make_llm(small_llama_dir, overlap=False, page_size=page_size, num_pages=300 // page_size)
     msgs = record(llm)
-    assert token_ids(llm.generate(prompts, params, use_tqdm=False)) == ref
+    assert_same_greedy(llm, prompts, token_ids(llm.generate(prompts, params, use_tqdm=False)), ref)
     assert llm.scheduler.counters["retracted"] > 0
     bad = sorted({(u, c, n) for u, _, _, c, n in rows(msgs) if c > n})
     assert not bad, f"(uid, cached, prompt_len) with cached > prompt_len: {bad[:5]}"
@@ -450,7 +465,7 @@ def test_requests_that_never_fit_are_rejected(small_llama_dir: str) -> None:
     llm = make_llm(small_llama_dir, num_pages=64, page_size=2)  # 128 KV tokens
     sched = llm.scheduler
     too_long = sched.add(0, [5] * 500, SamplingParams(max_tokens=20))
-    assert too_long is not None and "context length 512" in too_long, too_long
+    assert too_long is not None and "maximum context length is 512" in too_long, too_long
     too_big = sched.add(1, [5] * 100, SamplingParams(max_tokens=29))
     assert too_big is not None and "KV cache (128)" in too_big, too_big
     assert sched.add(2, [], SamplingParams()) is not None
@@ -624,7 +639,7 @@ def test_generate_pauses_the_garbage_collector(small_llama_dir: str) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     llm.generate(["Once upon a time"], params, use_tqdm=False)
     assert seen and not any(seen) and gc.isenabled()
-    with pytest.raises(ValueError, match="token ids"):
+    with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate([[10**9]], params, use_tqdm=False)
     assert gc.isenabled()  # restored on errors too
     gc.disable()
