@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool): set up the carried wheels and shared files, then run
-# whatever is given, e.g.  bash benchmark/device_run.sh python -m pytest tests/test_gpu.py -q
+# whatever is given, e.g.  bash benchmark/device_run.sh python -m pytest tests/gpu/test_gpu.py -q
 # Expects .gpu-wheels/ (../shared/gpu/fetch-wheels.sh + setup.sh) and .gpu-shared/ (a copy of
 # ../shared/configs and ../shared/models) carried next to the tree.
 # FlashInfer's JIT cache (~1.5 min of compiling on a fresh machine): restored from split

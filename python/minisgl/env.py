@@ -1,5 +1,5 @@
 """Every MINISGL_* environment variable, declared once here with its help (`--help` lists
-`VARS`, docs/features.md documents them; tests/test_cli.py checks that nothing else is read).
+`VARS`, docs/features.md documents them; tests/e2e/test_cli.py checks that nothing else is read).
 
 One parser per kind: a switch takes 1/true/yes/on or 0/false/no/off (unset or empty: its
 default; anything else is an error naming the variable), so `MINISGL_DISABLE_KERNELS=0` means

@@ -61,7 +61,7 @@ class FlashInferBackend(AttentionBackend):
         dev = pool.k.device
         self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
         self.prefill = fi.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD", backend="auto")
-        # decode on the H200 (benchmark/attn_micro.py, bs 170, ctx ~1K, page 256): tensor cores
+        # decode on the H200 (benchmark/micro/attn_micro.py, bs 170, ctx ~1K, page 256): tensor cores
         # through FA2 3.3-3.4 TB/s at GQA group 2 and 4; CUDA cores 2.9 / 2.0 TB/s; tensor cores
         # through FA3 (what FlashInfer's "auto" picks on Hopper) 1.6 / 0.9 TB/s
         group = num_heads // num_kv_heads

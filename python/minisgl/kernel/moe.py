@@ -108,7 +108,7 @@ def fused_moe_triton(
     config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """`fused_moe` through the kernels; `config` (tile sizes, warps) overrides `_config`'s
-    choice, for benchmark/moe_micro.py's sweeps."""
+    choice, for benchmark/micro/moe_micro.py's sweeps."""
     t, hidden = x.shape
     top_k = topk_ids.shape[1]
     num_experts, inter = w13.shape[0], w2.shape[2]

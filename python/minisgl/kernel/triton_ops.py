@@ -88,7 +88,7 @@ def gumbel_sample(
     With `rows`, token i is also stored at `next_tokens[rows[i]]`; with `out` (int64 [n]) the
     tokens are written there instead of a new tensor."""
     n, vocab = logits.shape
-    splits, block = 16, 2048  # measured fastest at 160 rows (benchmark/kernel_micro.py)
+    splits, block = 16, 2048  # measured fastest at 160 rows (benchmark/micro/kernel_micro.py)
     chunk = -(-vocab // (splits * block)) * block
     vals = torch.empty(n, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(n, splits, dtype=torch.int32, device=logits.device)

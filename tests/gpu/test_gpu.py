@@ -105,14 +105,14 @@ def test_tiny_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest)
     prompts = _prompts(4, 200)
     cpu = _greedy(LLM(path, device="cpu", dtype="float32"), prompts)
     llm = LLM(path, device="cuda", dtype="float32", attn="torch", cuda_graph_max_bs=0)
-    assert _greedy(llm, prompts) == cpu  # == transformers' greedy (tests/test_models.py)
+    assert _greedy(llm, prompts) == cpu  # == transformers' greedy (tests/unit/test_models.py)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([prompts[0]])).logits[0]
     err = (llm.prefill_logits(prompts[0]) - ref).abs().max().item()
-    tol = 1e-4 * max(1.0, ref.abs().max().item())  # as tests/test_models.py on CPU
+    tol = 1e-4 * max(1.0, ref.abs().max().item())  # as tests/unit/test_models.py on CPU
     print(
         f"{fixture}: fp32 GPU prefill logits vs transformers: max |diff| {err:.1e} (tol {tol:.1e})"
     )

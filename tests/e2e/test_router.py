@@ -30,7 +30,7 @@ import httpx
 import pytest
 from procs import alive, descendants, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 NAME = "tiny"  # --served-model-name: the router's model id for both workers
 PROMPTS = ["The cat saw", "A dog found the", "The old man made", "My friend gave"]

@@ -1,6 +1,6 @@
 """Staggered arrivals on the CPU engine (tests/staggered.py): overlap scheduling on and off give
 the same greedy tokens, and so does the debug mode that poisons the KV pool with NaN; every
-request gets exactly its tokens, no page leaks. The GPU version is tests/test_gpu_load.py."""
+request gets exactly its tokens, no page leaks. The GPU version is tests/gpu/test_gpu_load.py."""
 
 from __future__ import annotations
 

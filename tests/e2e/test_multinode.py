@@ -21,7 +21,7 @@ import pytest
 from conftest import _build
 from procs import alive, comm, descendants, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROMPTS = [[1, 45, 120, 200, 33, 7], [1, 300, 12], [1, 5, 99, 250, 251, 17, 64, 380, 42, 11]]
 

@@ -4,7 +4,7 @@ FlashInfer's CUDA-core decode kernel with the batch in admission order, sorted b
 length (longest first), and each request's pages split in C chunks run as separate rows and
 merged by their log-sum-exp (balances the work per thread block).
 
-    python benchmark/attn_split.py
+    python benchmark/micro/attn_split.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import flashinfer
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "offline"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "offline"))
 sys.path.insert(0, str(Path(__file__).parent))
 from attn_micro import bench  # noqa: E402
 from bench import make_workload  # noqa: E402

@@ -15,7 +15,7 @@ import pytest
 
 from minisgl.args import ServerArgs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "python" / "minisgl"
+PACKAGE = Path(__file__).resolve().parents[2] / "python" / "minisgl"
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from procs import alive, descendants, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # the example template docs/server.md serves with (tested here so that it stays right)
 CHAT_TEMPLATE = (REPO / "docs" / "chat.jinja").read_text()

@@ -4,7 +4,7 @@ workload, with the KV pool laid out NHD (a page holds [tokens, heads, dim]) or H
 tokens, dim]: one head's tokens contiguous), pages in allocation order or shuffled; next to a
 plain read (`sum`) and copy of the same number of bytes.
 
-    python benchmark/attn_layout.py [--bs 160] [--layers 28]
+    python benchmark/micro/attn_layout.py [--bs 160] [--layers 28]
 """
 
 from __future__ import annotations

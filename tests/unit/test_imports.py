@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "python"
+ROOT = Path(__file__).resolve().parents[2] / "python"
 
 
 def _modules() -> dict[str, Path]:

@@ -1,9 +1,9 @@
-"""Qwen3-MoE and Mistral beyond tests/test_models.py (which checks them against transformers
+"""Qwen3-MoE and Mistral beyond tests/unit/test_models.py (which checks them against transformers
 at tp=1): greedy tokens at tp=2 on CPU/gloo (against transformers), the MoE Triton kernels run in triton's
 interpreter (against the torch path, and inside the tiny model against transformers), the
 sliding-window start-up error, and the offline benchmark on a MoE config with dummy weights.
 
-`kernel_checks(device)` is shared with tests/test_gpu_moe.py, which runs it compiled."""
+`kernel_checks(device)` is shared with tests/gpu/test_gpu_moe.py, which runs it compiled."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from conftest import MOE_CONFIG, _common_config
 from test_models import PROMPTS, hf_greedy, hf_logits
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (tokens, experts, top-k, hidden, intermediate, routing): odd sizes exercise every mask;
 # "skewed" sends every token to experts 0..k-1 (one expert's run spans many tiles)
@@ -103,7 +103,8 @@ assert len(calls) > 2 * 32, len(calls)  # two sparse layers per step took the ke
 print(json.dumps({{"tokens": out[0]["token_ids"], "logits": logits.tolist()}}))
 llm.shutdown()
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join([str(ROOT / "tests"), str(ROOT / "tests" / "unit"), *sys.path])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=240, cwd=ROOT / "tests", env=env)  # fmt: skip
     assert p.returncode == 0, p.stderr[-4000:]

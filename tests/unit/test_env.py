@@ -9,7 +9,7 @@ import pytest
 
 from minisgl import env
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "features.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "features.md"
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 heads, head_dim 128, bf16), to pick page size and kernel: FlashInfer decode with and without
 tensor cores, and the (FA3 on Hopper) prefill kernel used for decode.
 
-    python benchmark/attn_micro.py [QUERY_HEADS]   # 16 (0.6B, group 2) or 32 (8B, group 4)
+    python benchmark/micro/attn_micro.py [QUERY_HEADS]   # 16 (0.6B, group 2) or 32 (8B, group 4)
 """
 
 from __future__ import annotations

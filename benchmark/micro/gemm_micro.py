@@ -2,7 +2,7 @@
 split-K kernel over a grid of tile configurations. Prints, per (shape, M), the time and the
 weight bandwidth of cuBLAS and of the best few Triton configurations.
 
-    python benchmark/gemm_micro.py [--config-json qwen3-0.6b.json] [--ms 16,64,160,256]
+    python benchmark/micro/gemm_micro.py [--config-json qwen3-0.6b.json] [--ms 16,64,160,256]
 """
 # ruff: noqa: ANN001, ANN201
 

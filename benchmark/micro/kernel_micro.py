@@ -1,7 +1,7 @@
 """Launch-parameter sweep for the Triton kernels of `minisgl.kernel` at decode and prefill
 shapes (Qwen3-0.6B: 16 q / 8 KV heads of 128, vocabulary 151,936), timed inside a CUDA graph.
 
-    python benchmark/kernel_micro.py
+    python benchmark/micro/kernel_micro.py
 """
 
 # ruff: noqa: B023  (each closure is timed inside its own loop iteration)

@@ -15,7 +15,7 @@ from staggered import make_load, run_load
 from minisgl import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QWEN3_06B = {  # Qwen3-0.6B's shape (config.json of Qwen/Qwen3-0.6B), for dummy weights
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False,
     "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",

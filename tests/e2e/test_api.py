@@ -20,7 +20,7 @@ import pytest
 from procs import free_port
 from test_server import shaped_error, sse_events
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ORIGIN = "http://ui.test"
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",

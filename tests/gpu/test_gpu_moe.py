@@ -61,7 +61,7 @@ def mistral_hd128_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.mark.parametrize("fixture", ["qwen3_moe_dir", "qwen3_moe_fused_dir", "mistral_dir"])
 def test_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest) -> None:
     """float32 on the GPU (the kernels with float32 products): CPU's greedy tokens (which are
-    transformers', tests/test_models.py) and prefill logits within 1e-4 of transformers."""
+    transformers', tests/unit/test_models.py) and prefill logits within 1e-4 of transformers."""
     from conftest import load_hf_model
 
     path = request.getfixturevalue(fixture)

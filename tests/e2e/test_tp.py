@@ -21,7 +21,7 @@ import pytest
 from conftest import _build
 from procs import alive, descendants, free_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MAX_TOKENS = 24
 PROMPTS = [
     [1, 45, 120, 200, 33, 7],

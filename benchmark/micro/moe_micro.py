@@ -4,7 +4,7 @@ choice at decode and prefill sizes, the sort/pad kernels alone, and (with --swee
 configurations around it. Weight bandwidth counts each expert hit once (1.2 GB per layer
 when all are hit); TFLOP/s counts 2 x 3 x H x I per (token, expert) pair.
 
-    python benchmark/moe_micro.py [--sweep] [--tp N]
+    python benchmark/micro/moe_micro.py [--sweep] [--tp N]
 """
 
 from __future__ import annotations
