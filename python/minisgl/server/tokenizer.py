@@ -20,13 +20,11 @@ from typing import Any
 from minisgl.messages import (
     AbortReq,
     ErrorOut,
-    Inbox,
     Limits,
     Ready,
     TokenizeReq,
     UserReq,
     check_prompt,
-    encode,
 )
 
 logger = logging.getLogger("minisgl.tokenizer")
@@ -136,36 +134,28 @@ def _render_timeout(*_: Any) -> None:
 
 
 def run_tokenizer(args: Any, index: int) -> None:
-    """Process entry: PULL at {zmq_dir}/tokenizer-{index}; PUSH to the scheduler and the API."""
+    """Process entry: PULL at tokenizer-{index}; PUSH to the scheduler and the API (ipc.py)."""
     import zmq
+
+    from minisgl import ipc
 
     from .detokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args)  # --chat-template is applied to tokenizer.chat_template
     worker = TokenizerWorker(tokenizer)
-    d = args.zmq_dir
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, 0)
-    pull.bind(f"ipc://{d}/tokenizer-{index}")
-    sched = ctx.socket(zmq.PUSH)
-    sched.setsockopt(zmq.SNDHWM, 0)
-    sched.connect(f"ipc://{d}/scheduler")
-    api = ctx.socket(zmq.PUSH)
-    api.setsockopt(zmq.SNDHWM, 0)
-    api.connect(f"ipc://{d}/api")
-    ready = ctx.socket(zmq.PUSH)
-    ready.connect(f"ipc://{d}/launcher")
+    d, ctx, name = args.zmq_dir, zmq.Context(), ipc.tokenizer(index)
+    pull = ipc.pull(ctx, d, name)
+    sched, api = ipc.push(ctx, d, ipc.SCHEDULER), ipc.push(ctx, d, ipc.API)
     info = {"has_tokenizer": tokenizer is not None, "has_chat_template": worker.has_chat_template}
-    ready.send(encode(Ready(f"tokenizer-{index}", info)))
+    _ready = ipc.announce(ctx, d, name, info)
 
     def handle(msg: Any) -> None:
         if isinstance(msg, TokenizeReq):
             out = worker.handle(msg)
-            (sched if isinstance(out, UserReq) else api).send(encode(out))
+            ipc.send(sched if isinstance(out, UserReq) else api, out)
         elif isinstance(msg, AbortReq):
-            sched.send(encode(msg))  # same pipe as the request: never overtakes it
+            ipc.send(sched, msg)  # same pipe as the request: never overtakes it
         elif msg.name == "config" and not worker.vocab_size:  # Ready: once, from the API
             worker.configure(msg.info)
 
-    Inbox(f"tokenizer-{index}", TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
+    ipc.Inbox(name, TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
