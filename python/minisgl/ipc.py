@@ -20,9 +20,11 @@ handler failed) with a warning at most once a second. `Inbox.serve` is a worker'
 also sends its Heartbeat; `aserve` is the API server's (asyncio) loop.
 
 Readiness: every worker sends `Ready(name, info)` once to `launcher` when it can serve
-(`announce`). `Handshake`, shared by the API server's Bridge and the WorkerClient, collects them;
-scheduler rank 0's info (max_seq_len, vocab_size, kv_tokens, page_size, model_path) goes on to
-every tokenizer worker as `Ready("config", info)`, the limits they check prompts against.
+(`announce`). `Handshake`, the API role shared by the API server's Bridge and the
+WorkerClient, opens its sockets and collects them; scheduler rank 0's info (max_seq_len,
+vocab_size, kv_tokens, page_size, model_path) goes on to every tokenizer worker as
+`Ready("config", info)`, the limits they check prompts against. Scheduler ranks on other nodes
+announce to their own node's launcher, where nobody reads: rank 0 speaks for all.
 """
 
 from __future__ import annotations
@@ -127,22 +129,24 @@ async def aserve(sock: Sock, inbox: Inbox, handle: Callable[[Any], None]) -> Non
 
 
 class Handshake:
-    """Readiness of this node's workers, for the API server's Bridge and the WorkerClient, which
-    set `tok_push` (to the tokenizer workers) before the first Ready. Scheduler ranks on other
-    nodes announce to their own node's launcher: rank 0 speaks for all."""
-
-    tok_push: list[Sock]
+    """The API role (API server or WorkerClient): its sockets, and the readiness of this node's
+    workers (see the module docstring)."""
 
     def __init__(self, args: Any) -> None:
+        self.zmq_dir, self.num_tokenizer = args.zmq_dir, args.num_tokenizer
         self.expected = {f"scheduler{r}" for r in args.local_ranks} | {DETOKENIZER}
         self.expected |= {tokenizer(i) for i in range(args.num_tokenizer)}
         self.ready: set[str] = set()
         self.info: dict[str, Any] = {}  # from scheduler0: max_seq_len, vocab_size, ...
         self.tokenizer_info: dict[str, Any] = {}  # has_tokenizer, has_chat_template
 
-    @property
-    def all_ready(self) -> bool:
-        return self.expected <= self.ready
+    def open(self, ctx: Any, sctx: Any) -> None:
+        """PULL at `api` and `launcher` on `ctx`, PUSH to the workers on `sctx` (linger 0)."""
+        d = self.zmq_dir
+        self.pull, self.ready_pull = pull(ctx, d, API, linger=0), pull(ctx, d, LAUNCHER, linger=0)
+        self.tok_push = [push(sctx, d, tokenizer(i), linger=0) for i in range(self.num_tokenizer)]
+        self.detok_push = push(sctx, d, DETOKENIZER, linger=0)
+        self.sched_push = push(sctx, d, SCHEDULER, linger=0)  # FlushCache, Shutdown
 
     def on_ready_msg(self, msg: Ready) -> bool:
         """Record one Ready; False (and ignored) for a name that is no worker of ours."""

@@ -1,10 +1,7 @@
-"""The API server's side of the ZMQ plumbing (ipc.py): submit requests, route results, track
-readiness (ipc.Handshake).
-
-It binds `api` (results, heartbeats) and `launcher` (Ready), and pushes to every tokenizer
-worker (round-robin; an abort follows its request's worker so it reaches the scheduler after
-the request itself), to the detokenizer (AbortReq, so it frees its state at once) and to the
-scheduler (FlushCache).
+"""The API server's side of the ZMQ plumbing (ipc.py; ipc.Handshake opens the sockets and
+tracks readiness): requests go round-robin to the tokenizer workers; an abort follows its
+request's worker, so it reaches the scheduler after the request itself, and goes to the
+detokenizer, which frees its state at once. Results arrive on `api`.
 
 Liveness: the scheduler's Stats (every 0.5 s) and the other workers' Heartbeats stamp `beats`;
 a worker silent for STALL_S is reported by `stalled()` (/health answers 503).
@@ -73,19 +70,14 @@ class Bridge(ipc.Handshake):
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        d = self.args.zmq_dir
-        self.ctx = ctx = zmq.asyncio.Context()  # receiving side, awaited in the event loop
-        self.sctx = sctx = zmq.Context()  # sending side: PUSH with no HWM never blocks
-        pull = ipc.pull(ctx, d, ipc.API, linger=0)
-        ready = ipc.pull(ctx, d, ipc.LAUNCHER, linger=0)
-        names = [ipc.tokenizer(i) for i in range(self.args.num_tokenizer)]
-        self.tok_push = [ipc.push(sctx, d, name, linger=0) for name in names]
-        self.detok_push = ipc.push(sctx, d, ipc.DETOKENIZER, linger=0)
-        self.sched_push = ipc.push(sctx, d, ipc.SCHEDULER, linger=0)  # FlushCache only
+        self.ctx = zmq.asyncio.Context()  # receiving side, awaited in the event loop
+        self.sctx = zmq.Context()  # sending side: PUSH with no HWM never blocks
+        self.open(self.ctx, self.sctx)
         inbox = ipc.Inbox(ipc.API, TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
+        ready = ipc.Inbox(ipc.LAUNCHER, Ready)
         self._tasks = [
-            asyncio.create_task(ipc.aserve(pull, inbox, self._on_result)),
-            asyncio.create_task(ipc.aserve(ready, ipc.Inbox(ipc.LAUNCHER, Ready), self._on_ready)),
+            asyncio.create_task(ipc.aserve(self.pull, inbox, self._on_result)),
+            asyncio.create_task(ipc.aserve(self.ready_pull, ready, self._on_ready)),
         ]
 
     async def stop(self) -> None:
@@ -96,7 +88,7 @@ class Bridge(ipc.Handshake):
 
     @property
     def is_ready(self) -> bool:
-        return self.dead is None and self.all_ready
+        return self.dead is None and self.expected <= self.ready
 
     @property
     def max_seq_len(self) -> int:
@@ -116,9 +108,9 @@ class Bridge(ipc.Handshake):
         return sorted(late)
 
     def _on_ready(self, msg: Ready) -> None:
-        name = msg.name
         if not self.on_ready_msg(msg):
             return
+        name = msg.name
         logger.info("worker ready: %s", name)
         if not name.startswith("scheduler") or name == "scheduler0":  # rank 0 speaks for all
             self.beats[name] = time.monotonic()

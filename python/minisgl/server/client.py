@@ -36,19 +36,13 @@ class WorkerDied(RuntimeError):
 class WorkerClient(ipc.Handshake):
     def __init__(self, args: ServerArgs) -> None:
         self.workers = Workers(args)
-        self.args = a = self.workers.args
-        super().__init__(a)
-        self.ctx = ctx = zmq.Context()
+        self.args = self.workers.args
+        super().__init__(self.args)
+        self.ctx = zmq.Context()
         self.closed = False
         atexit.register(self.close)  # before multiprocessing's hook, which joins the children
         try:
-            d = a.zmq_dir
-            self.pull = ipc.pull(ctx, d, ipc.API, linger=0)
-            self.ready_pull = ipc.pull(ctx, d, ipc.LAUNCHER, linger=0)
-            names = [ipc.tokenizer(i) for i in range(a.num_tokenizer)]
-            self.tok_push = [ipc.push(ctx, d, name, linger=0) for name in names]
-            self.detok_push = ipc.push(ctx, d, ipc.DETOKENIZER, linger=0)
-            self.sched_push = ipc.push(ctx, d, ipc.SCHEDULER, linger=0)
+            self.open(self.ctx, self.ctx)
             self.workers.start()
             self._wait_ready()
         except BaseException:
@@ -66,7 +60,7 @@ class WorkerClient(ipc.Handshake):
         """Ready from every worker (ipc.Handshake)."""
         inbox = ipc.Inbox(ipc.LAUNCHER, Ready)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self.all_ready:
+        while not self.expected <= self.ready:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise WorkerDied(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")

@@ -3,7 +3,7 @@
 It renders chat templates, tokenizes, and rejects what the scheduler must never see: token ids
 outside the vocabulary and prompt + max_tokens beyond the context (ErrorOut 400 to the API).
 The context length and vocabulary size come from the scheduler's Ready message, which the API
-server forwards to every tokenizer worker as `Ready("config", info)` before it reports ready.
+server forwards to every tokenizer worker as `Ready("config", info)` (ipc.Handshake).
 
 A chat template is a program (the operator's `--chat-template` may loop forever): rendering runs
 under a SIGALRM timer, so after RENDER_TIMEOUT_S the request fails and the worker lives on.
@@ -69,7 +69,7 @@ class TokenizerWorker:
         if req.input_ids is not None:
             ids = [int(i) for i in req.input_ids]
         else:
-            ids = self._tokenize(req)
+            ids = self.tokenize(req.text or "", req.chat)
         try:
             params = check_prompt(ids, req.params, self.limits, req.fill)
         except ValueError as e:  # PromptError, or min_tokens beyond a filled max_tokens
@@ -83,9 +83,6 @@ class TokenizerWorker:
             if err:
                 raise _Reject(err)
         return UserReq(req.uid, ids, params)
-
-    def _tokenize(self, req: TokenizeReq) -> list[int]:
-        return self.tokenize(req.text or "", req.chat)
 
     def tokenize(self, text: str, chat: bool, add_special: bool = True) -> list[int]:
         """Token ids of a text prompt, or of chat messages (a JSON payload: messages, tools,
