@@ -5,17 +5,14 @@ table, so nothing read from a socket can name an arbitrary class. Two records tr
 messages as plain lists of their fields, in declaration order: `SamplingParams` (core.py; rebuilt,
 so validated, on decode) and `Logprob`. `decode` checks every frame against its class's field
 annotations (records field by field, and TokenOut's row lengths) and raises `BadFrame` for
-anything else, so a receive loop only ever sees well-typed messages. `Inbox` is the one
-receive-side helper every loop uses: it drops bad frames (and frames whose handler failed) with
-a warning at most once a second. `check_prompt` is the one check of a prompt against the
-model's `Limits`, wherever one is made (tokenizer workers, the scheduler).
+anything else, so a receive loop (ipc.Inbox) only ever sees well-typed messages. `check_prompt`
+is the one check of a prompt against the model's `Limits`, wherever one is made (tokenizer
+workers, the scheduler). Sockets, receive loops and the Ready handshake are in ipc.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,7 +151,7 @@ class ErrorOut:
 
 @dataclass
 class Ready:
-    """Worker -> launcher: worker `name` is up."""
+    """Worker -> launcher: worker `name` is up (ipc.Handshake); API -> tokenizers: "config"."""
 
     TAG: ClassVar[int] = 7
     name: str
@@ -321,46 +318,3 @@ def decode(data: bytes, accept: tuple[type, ...] = ()) -> Message:
         if {len(msg.tokens), len(msg.finished), *(len(r) or n for r in rows)} != {n}:
             raise BadFrame("TokenOut rows of different lengths")
     return msg
-
-
-class Inbox:
-    """Decoding for one receive loop: bad frames are dropped and logged (rate-limited)."""
-
-    def __init__(self, where: str, *accept: type) -> None:
-        self.where, self.accept = where, accept
-        self.log = logging.getLogger(f"minisgl.{where}")
-        self.dropped, self.next_log = 0, 0.0
-
-    def drop(self, why: object) -> None:
-        self.dropped += 1
-        now = time.monotonic()
-        if now >= self.next_log:  # a flood of bad frames must not become a flood of log lines
-            self.log.warning("%s: dropped %d bad frame(s); last: %s", self.where, self.dropped, why)
-            self.dropped, self.next_log = 0, now + 1.0
-
-    def decode(self, data: bytes) -> Message | None:
-        try:
-            return decode(data, self.accept)
-        except BadFrame as e:
-            self.drop(e)
-            return None
-
-    def dispatch(self, data: bytes, handle: Callable[[Any], None]) -> None:
-        """Decode and handle one frame; a handler error drops that frame, not the loop."""
-        msg = self.decode(data)
-        if msg is not None:
-            try:
-                handle(msg)
-            except Exception as e:
-                self.drop(f"{type(msg).__name__} failed: {e!r}")
-
-    def serve(self, sock: Any, handle: Callable[[Any], None], beat_to: Any) -> None:
-        """A worker's loop over a zmq PULL socket, forever; a Heartbeat named after this inbox
-        goes to the `beat_to` socket every HEARTBEAT_S."""
-        beat, next_beat = encode(Heartbeat(self.where)), 0.0
-        while True:
-            if sock.poll(100):  # wake up now and then so a SIGTERM handler can run
-                self.dispatch(sock.recv(), handle)
-            if time.monotonic() >= next_beat:
-                beat_to.send(beat)
-                next_beat = time.monotonic() + HEARTBEAT_S

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from .. import messages
+from .. import ipc, messages
 from ..args import ServerArgs
 from ..distributed import init_distributed
 from ..engine.engine import Engine
-from ..messages import AbortReq, ErrorOut, Inbox, Message, Ready, Shutdown, Stats, UserReq, encode
+from ..messages import AbortReq, ErrorOut, Message, Shutdown, Stats, UserReq
 from ..utils import die_with_parent, exit_on_sigterm, setup_logging
 from .scheduler import Scheduler
 
@@ -69,32 +69,28 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     engine = Engine(args, local_rank)
     ctx = zmq.Context()
     primary = rank == 0
-    if primary:
-        recv = ctx.socket(zmq.PULL)
-        recv.bind(f"ipc://{args.zmq_dir}/scheduler")
-        send = ctx.socket(zmq.PUSH)
-        send.connect(f"ipc://{args.zmq_dir}/detokenizer")
+    if primary:  # ZMQ's default high-water marks here (ipc.py)
+        recv = ipc.pull(ctx, args.zmq_dir, ipc.SCHEDULER, hwm=None)
+        send = ipc.push(ctx, args.zmq_dir, ipc.DETOKENIZER, hwm=None)
 
     def emit(msg: Message) -> None:
         if primary:
-            send.send(encode(msg), copy=False)
+            ipc.send(send, msg, copy=False)
 
     sched = Scheduler(engine, args, emit)
     if engine.device == "cuda":
         sched.warmup()
     bcast = _Broadcaster() if args.tp > 1 else None
-    launcher = ctx.socket(zmq.PUSH)
-    launcher.setsockopt(zmq.LINGER, 0)  # nobody reads it on nodes other than 0: exit anyway
-    launcher.connect(f"ipc://{args.zmq_dir}/launcher")
     info = dict(
         max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size,
         kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size, model_path=engine.model_path,
     )  # fmt: skip
-    launcher.send(encode(Ready(f"scheduler{rank}", info)))
+    # linger 0: nobody reads it on nodes other than 0, and the rank must exit anyway
+    _ready = ipc.announce(ctx, args.zmq_dir, f"scheduler{rank}", info, linger=0)
     log.info("scheduler rank %d ready", rank)
     early_aborts: dict[int, float] = {}
     next_stats = 0.0
-    inbox = Inbox(f"scheduler{rank}", UserReq, AbortReq, Shutdown, messages.FlushCache)
+    inbox = ipc.Inbox(f"scheduler{rank}", UserReq, AbortReq, Shutdown, messages.FlushCache)
     cap = args.max_waiting_tokens
     while True:
         raw: list[bytes] = []

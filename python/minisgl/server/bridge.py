@@ -1,12 +1,7 @@
-"""The API server's side of the ZMQ plumbing: submit requests, route results, track readiness.
-
-Sockets (all ipc, in the launcher's private directory):
-  api        PULL, bound here: TextOut / ErrorOut / Stats from the detokenizer, ErrorOut from
-             tokenizer workers
-  launcher   PULL, bound here: Ready from every worker
-  tokenizer-i  PUSH, one per tokenizer worker (round-robin; an abort follows its request's
-             worker so it reaches the scheduler after the request itself)
-  detokenizer  PUSH: AbortReq, so the detokenizer frees its state at once
+"""The API server's side of the ZMQ plumbing (ipc.py; ipc.Handshake opens the sockets and
+tracks readiness): requests go round-robin to the tokenizer workers; an abort follows its
+request's worker, so it reaches the scheduler after the request itself, and goes to the
+detokenizer, which frees its state at once. Results arrive on `api`.
 
 Liveness: the scheduler's Stats (every 0.5 s) and the other workers' Heartbeats stamp `beats`;
 a worker silent for STALL_S is reported by `stalled()` (/health answers 503).
@@ -23,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from minisgl import ipc
 from minisgl.args import ServerArgs
 from minisgl.core import SamplingParams
 from minisgl.messages import (
@@ -31,12 +27,10 @@ from minisgl.messages import (
     ErrorOut,
     FlushCache,
     Heartbeat,
-    Inbox,
     Ready,
     Stats,
     TextOut,
     TokenizeReq,
-    encode,
 )
 
 from .metrics import Metrics
@@ -57,18 +51,14 @@ class ReqHandle:
     num_tokens: int = 0
 
 
-class Bridge:
+class Bridge(ipc.Handshake):
     def __init__(self, args: ServerArgs, metrics: Metrics) -> None:
+        super().__init__(args)
         self.args = args
         self.metrics = metrics
         self.reqs: dict[int, ReqHandle] = {}
         self.next_uid = 1
         self._rr = 0
-        self.expected = {f"scheduler{r}" for r in args.local_ranks} | {"detokenizer"}
-        self.expected |= {f"tokenizer-{i}" for i in range(args.num_tokenizer)}
-        self.ready: set[str] = set()
-        self.info: dict[str, Any] = {}  # from the scheduler: max_seq_len, vocab_size, ...
-        self.tokenizer_info: dict[str, Any] = {}
         self.dead: str | None = None  # why the server can no longer serve
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_ready: list[Any] = []
@@ -80,28 +70,15 @@ class Bridge:
     # ---- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        d = self.args.zmq_dir
         self.ctx = zmq.asyncio.Context()  # receiving side, awaited in the event loop
         self.sctx = zmq.Context()  # sending side: PUSH with no HWM never blocks
-        self.pull = self._socket(zmq.PULL, f"ipc://{d}/api", bind=True)
-        self.ready_pull = self._socket(zmq.PULL, f"ipc://{d}/launcher", bind=True)
-        self.tok_push = [
-            self._socket(zmq.PUSH, f"ipc://{d}/tokenizer-{i}")
-            for i in range(self.args.num_tokenizer)
-        ]
-        self.detok_push = self._socket(zmq.PUSH, f"ipc://{d}/detokenizer")
-        self.sched_push = self._socket(zmq.PUSH, f"ipc://{d}/scheduler")  # FlushCache only
+        self.open(self.ctx, self.sctx)
+        inbox = ipc.Inbox(ipc.API, TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
+        ready = ipc.Inbox(ipc.LAUNCHER, Ready)
         self._tasks = [
-            asyncio.create_task(self._recv_loop()),
-            asyncio.create_task(self._ready_loop()),
+            asyncio.create_task(ipc.aserve(self.pull, inbox, self._on_result)),
+            asyncio.create_task(ipc.aserve(self.ready_pull, ready, self._on_ready)),
         ]
-
-    def _socket(self, kind: int, addr: str, bind: bool = False) -> Any:
-        s = (self.ctx if kind == zmq.PULL else self.sctx).socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, 0)
-        s.bind(addr) if bind else s.connect(addr)
-        return s
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -130,26 +107,13 @@ class Bridge:
             late = late - {"scheduler0"} | {"detokenizer"}
         return sorted(late)
 
-    async def _ready_loop(self) -> None:
-        inbox = Inbox("launcher", Ready)
-        while True:
-            inbox.dispatch(await self.ready_pull.recv(), self._on_ready)
-
     def _on_ready(self, msg: Ready) -> None:
-        name = msg.name
-        if name not in self.expected:
+        if not self.on_ready_msg(msg):
             return
+        name = msg.name
         logger.info("worker ready: %s", name)
-        if name == "scheduler0":
-            self.info = dict(msg.info)
-            config = encode(Ready("config", self.info))
-            for s in self.tok_push:  # tokenizers validate lengths/ids with these
-                s.send(config)
-        elif name.startswith("tokenizer-"):
-            self.tokenizer_info = dict(msg.info)
         if not name.startswith("scheduler") or name == "scheduler0":  # rank 0 speaks for all
             self.beats[name] = time.monotonic()
-        self.ready.add(name)
         if self.is_ready:
             for cb in self.on_ready:
                 cb()
@@ -172,7 +136,7 @@ class Bridge:
             return h
         self.reqs[uid] = h
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        self.tok_push[worker].send(encode(TokenizeReq(uid, text, ids, params, chat, fill)))
+        ipc.send(self.tok_push[worker], TokenizeReq(uid, text, ids, params, chat, fill))
         self.metrics.running.inc()
         return h
 
@@ -183,8 +147,8 @@ class Bridge:
         self.metrics.running.dec()
         self.metrics.finished.labels(reason).inc()
         if self.dead is None:
-            self.tok_push[h.worker].send(encode(AbortReq(h.uid)))
-            self.detok_push.send(encode(AbortReq(h.uid)))
+            ipc.send(self.tok_push[h.worker], AbortReq(h.uid))
+            ipc.send(self.detok_push, AbortReq(h.uid))
 
     def fail_all(self, message: str, status: int = 503) -> None:
         """Every in-flight request gets an error (a worker died, or shutdown)."""
@@ -203,13 +167,8 @@ class Bridge:
         """Ask the scheduler to empty its prefix cache; concurrent callers share one answer."""
         if self._flush is None or self._flush.done():
             self._flush = asyncio.get_running_loop().create_future()
-            self.sched_push.send(encode(FlushCache()))
+            ipc.send(self.sched_push, FlushCache())
         return await asyncio.wait_for(asyncio.shield(self._flush), timeout)
-
-    async def _recv_loop(self) -> None:
-        inbox = Inbox("api", TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
-        while True:
-            inbox.dispatch(await self.pull.recv(), self._on_result)
 
     def _on_result(self, msg: Any) -> None:
         m = self.metrics

@@ -3,8 +3,8 @@ the interactive shell.
 
 It starts the server's workers (launcher.Workers: scheduler ranks, detokenizer, tokenizer
 workers) and plays the API server's role over the same ZMQ ipc sockets and msgpack messages
-(see bridge.py): TokenizeReq/AbortReq to the tokenizer workers, AbortReq to the detokenizer,
-TextOut/ErrorOut back on `api`, Ready on `launcher`. Shutdown goes straight to scheduler0,
+(ipc.py, bridge.py): TokenizeReq/AbortReq to the tokenizer workers, AbortReq to the detokenizer,
+TextOut/ErrorOut back on `api`, Ready on `launcher` (the same ipc.Handshake). Shutdown goes straight to scheduler0,
 which broadcasts it so every rank leaves its loop (no rank is left blocked in a collective).
 """
 
@@ -18,18 +18,10 @@ from typing import Any
 
 import zmq
 
+from minisgl import ipc
 from minisgl.args import ServerArgs
 from minisgl.core import SamplingParams
-from minisgl.messages import (
-    AbortReq,
-    ErrorOut,
-    Ready,
-    Shutdown,
-    TextOut,
-    TokenizeReq,
-    decode,
-    encode,
-)
+from minisgl.messages import AbortReq, ErrorOut, Ready, Shutdown, TextOut, TokenizeReq, decode
 
 from .launcher import Workers
 
@@ -41,24 +33,17 @@ class WorkerDied(RuntimeError):
     pass
 
 
-class WorkerClient:
+class WorkerClient(ipc.Handshake):
     def __init__(self, args: ServerArgs) -> None:
         self.workers = Workers(args)
-        self.args = a = self.workers.args
+        self.args = self.workers.args
+        super().__init__(self.args)
         self.ctx = zmq.Context()
         self.closed = False
         atexit.register(self.close)  # before multiprocessing's hook, which joins the children
         try:
-            self.pull = self._socket(zmq.PULL, "api", bind=True)
-            self.ready_pull = self._socket(zmq.PULL, "launcher", bind=True)
-            self.tok_push = [
-                self._socket(zmq.PUSH, f"tokenizer-{i}") for i in range(a.num_tokenizer)
-            ]
-            self.detok_push = self._socket(zmq.PUSH, "detokenizer")
-            self.sched_push = self._socket(zmq.PUSH, "scheduler")
+            self.open(self.ctx, self.ctx)
             self.workers.start()
-            self.info: dict[str, Any] = {}
-            self.tokenizer_info: dict[str, Any] = {}
             self._wait_ready()
         except BaseException:
             self.close()
@@ -66,42 +51,21 @@ class WorkerClient:
         self.next_uid = 1
         self.worker_of: dict[int, int] = {}
 
-    def _socket(self, kind: int, name: str, bind: bool = False) -> Any:
-        s = self.ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM if kind == zmq.PUSH else zmq.RCVHWM, 0)
-        addr = f"ipc://{self.args.zmq_dir}/{name}"
-        s.bind(addr) if bind else s.connect(addr)
-        return s
-
     def check_alive(self) -> None:
         reason = self.workers.first_dead()
         if reason is not None:
             raise WorkerDied(f"{reason} (its log is above)")
 
     def _wait_ready(self) -> None:
-        """Ready from every worker; the scheduler's config goes on to every tokenizer worker."""
-        a = self.args
-        expected = {f"scheduler{r}" for r in range(a.tp)} | {"detokenizer"}
-        expected |= {f"tokenizer-{i}" for i in range(a.num_tokenizer)}
-        ready: set[str] = set()
+        """Ready from every worker (ipc.Handshake)."""
+        inbox = ipc.Inbox(ipc.LAUNCHER, Ready)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not expected <= ready:
+        while not self.expected <= self.ready:
             self.check_alive()
             if time.monotonic() > deadline:
                 raise WorkerDied(f"workers not ready after {STARTUP_TIMEOUT_S:.0f} s")
-            if not self.ready_pull.poll(POLL_MS):
-                continue
-            msg = decode(self.ready_pull.recv())
-            if not isinstance(msg, Ready):
-                continue
-            if msg.name == "scheduler0":
-                self.info = dict(msg.info)
-                for s in self.tok_push:
-                    s.send(encode(Ready("config", self.info)))
-            elif msg.name.startswith("tokenizer-"):
-                self.tokenizer_info = dict(msg.info)  # has_tokenizer, has_chat_template
-            ready.add(msg.name)
+            if self.ready_pull.poll(POLL_MS):
+                inbox.dispatch(self.ready_pull.recv(), self.on_ready_msg)
 
     def submit(
         self,
@@ -115,14 +79,14 @@ class WorkerClient:
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         w = self.worker_of[uid] = uid % len(self.tok_push)
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        self.tok_push[w].send(encode(TokenizeReq(uid, text, ids, params, chat, fill)))
+        ipc.send(self.tok_push[w], TokenizeReq(uid, text, ids, params, chat, fill))
         return uid
 
     def abort(self, uid: int) -> None:
         w = self.worker_of.pop(uid, None)
         if w is not None and not self.closed:  # same pipe as the request: never overtakes it
-            self.tok_push[w].send(encode(AbortReq(uid)))
-            self.detok_push.send(encode(AbortReq(uid)))
+            ipc.send(self.tok_push[w], AbortReq(uid))
+            ipc.send(self.detok_push, AbortReq(uid))
 
     def done(self, uid: int) -> None:
         self.worker_of.pop(uid, None)
@@ -152,7 +116,7 @@ class WorkerClient:
         atexit.unregister(self.close)
         try:
             if self.workers.procs and self.workers.first_dead() is None:
-                self.sched_push.send(encode(Shutdown()))
+                ipc.send(self.sched_push, Shutdown())
                 deadline = time.monotonic() + 2.0
                 for r in range(self.args.tp):
                     p = self.workers.procs.get(f"scheduler{r}")

@@ -25,12 +25,10 @@ from minisgl.messages import (
     AbortReq,
     ErrorOut,
     FlushCache,
-    Inbox,
     Logprob,
     Stats,
     TextOut,
     TokenOut,
-    encode,
 )
 
 logger = logging.getLogger("minisgl.detokenizer")
@@ -210,26 +208,20 @@ class Detokenizer:
 
 
 def run_detokenizer(args: Any) -> None:
-    """Process entry: PULL at {zmq_dir}/detokenizer, PUSH to {zmq_dir}/api."""
+    """Process entry: PULL at detokenizer, PUSH to api (ipc.py)."""
     import zmq
 
-    from minisgl.messages import Ready
+    from minisgl import ipc
 
     tokenizer = load_tokenizer(args)
     detok = Detokenizer(tokenizer)
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, 0)
-    pull.bind(f"ipc://{args.zmq_dir}/detokenizer")
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDHWM, 0)
-    push.connect(f"ipc://{args.zmq_dir}/api")
-    ready = ctx.socket(zmq.PUSH)
-    ready.connect(f"ipc://{args.zmq_dir}/launcher")
-    ready.send(encode(Ready("detokenizer", {"has_tokenizer": tokenizer is not None})))
+    d, ctx = args.zmq_dir, zmq.Context()
+    pull, push = ipc.pull(ctx, d, ipc.DETOKENIZER), ipc.push(ctx, d, ipc.API)
+    _ready = ipc.announce(ctx, d, ipc.DETOKENIZER, {"has_tokenizer": tokenizer is not None})
 
     def handle(msg: Any) -> None:
         for out in detok.handle(msg):
-            push.send(encode(out))
+            ipc.send(push, out)
 
-    Inbox("detokenizer", TokenOut, AbortReq, ErrorOut, Stats, FlushCache).serve(pull, handle, push)
+    inbox = ipc.Inbox(ipc.DETOKENIZER, TokenOut, AbortReq, ErrorOut, Stats, FlushCache)
+    inbox.serve(pull, handle, push)

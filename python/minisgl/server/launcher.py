@@ -5,7 +5,8 @@ Process layout (all children use the multiprocessing 'spawn' context):
   scheduler{r}  one per TP rank (minisgl.scheduler.process.run_scheduler)
   detokenizer   token ids -> text deltas
   tokenizer-i   text/chat -> token ids (--num-tokenizer of them)
-They talk over ZMQ ipc sockets in a private directory (tempfile.mkdtemp), removed at exit.
+They talk over ZMQ ipc sockets (ipc.py) in a private directory (tempfile.mkdtemp), removed at
+exit; every worker announces itself with a Ready message (ipc.Handshake).
 
 A watchdog thread polls the children every 0.2 s. If one dies, /health turns 503, every
 in-flight request fails, the other children are stopped and the launcher exits with status 1.
@@ -27,7 +28,7 @@ import time
 from typing import Any
 
 from minisgl.args import ServerArgs
-from minisgl.messages import Shutdown, encode
+from minisgl.messages import Shutdown
 
 logger = logging.getLogger("minisgl.server")
 
@@ -152,10 +153,11 @@ class Workers:
         """Shutdown to scheduler0, broadcast to every rank: the other nodes exit 0, not 1."""
         import zmq
 
+        from minisgl import ipc
+
         ctx = zmq.Context()
-        sock = ctx.socket(zmq.PUSH)
-        sock.connect(f"ipc://{self.dir}/scheduler")
-        sock.send(encode(Shutdown()))
+        sock = ipc.push(ctx, self.dir, ipc.SCHEDULER, hwm=None)  # kept until destroy(linger=0)
+        ipc.send(sock, Shutdown())
         self.procs["scheduler0"].join(2.0)
         ctx.destroy(linger=0)
 

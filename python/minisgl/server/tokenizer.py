@@ -3,7 +3,7 @@
 It renders chat templates, tokenizes, and rejects what the scheduler must never see: token ids
 outside the vocabulary and prompt + max_tokens beyond the context (ErrorOut 400 to the API).
 The context length and vocabulary size come from the scheduler's Ready message, which the API
-server forwards to every tokenizer worker as `Ready("config", info)` before it reports ready.
+server forwards to every tokenizer worker as `Ready("config", info)` (ipc.Handshake).
 
 A chat template is a program (the operator's `--chat-template` may loop forever): rendering runs
 under a SIGALRM timer, so after RENDER_TIMEOUT_S the request fails and the worker lives on.
@@ -20,13 +20,11 @@ from typing import Any
 from minisgl.messages import (
     AbortReq,
     ErrorOut,
-    Inbox,
     Limits,
     Ready,
     TokenizeReq,
     UserReq,
     check_prompt,
-    encode,
 )
 
 logger = logging.getLogger("minisgl.tokenizer")
@@ -71,7 +69,7 @@ class TokenizerWorker:
         if req.input_ids is not None:
             ids = [int(i) for i in req.input_ids]
         else:
-            ids = self._tokenize(req)
+            ids = self.tokenize(req.text or "", req.chat)
         try:
             params = check_prompt(ids, req.params, self.limits, req.fill)
         except ValueError as e:  # PromptError, or min_tokens beyond a filled max_tokens
@@ -85,9 +83,6 @@ class TokenizerWorker:
             if err:
                 raise _Reject(err)
         return UserReq(req.uid, ids, params)
-
-    def _tokenize(self, req: TokenizeReq) -> list[int]:
-        return self.tokenize(req.text or "", req.chat)
 
     def tokenize(self, text: str, chat: bool, add_special: bool = True) -> list[int]:
         """Token ids of a text prompt, or of chat messages (a JSON payload: messages, tools,
@@ -136,36 +131,28 @@ def _render_timeout(*_: Any) -> None:
 
 
 def run_tokenizer(args: Any, index: int) -> None:
-    """Process entry: PULL at {zmq_dir}/tokenizer-{index}; PUSH to the scheduler and the API."""
+    """Process entry: PULL at tokenizer-{index}; PUSH to the scheduler and the API (ipc.py)."""
     import zmq
+
+    from minisgl import ipc
 
     from .detokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args)  # --chat-template is applied to tokenizer.chat_template
     worker = TokenizerWorker(tokenizer)
-    d = args.zmq_dir
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.setsockopt(zmq.RCVHWM, 0)
-    pull.bind(f"ipc://{d}/tokenizer-{index}")
-    sched = ctx.socket(zmq.PUSH)
-    sched.setsockopt(zmq.SNDHWM, 0)
-    sched.connect(f"ipc://{d}/scheduler")
-    api = ctx.socket(zmq.PUSH)
-    api.setsockopt(zmq.SNDHWM, 0)
-    api.connect(f"ipc://{d}/api")
-    ready = ctx.socket(zmq.PUSH)
-    ready.connect(f"ipc://{d}/launcher")
+    d, ctx, name = args.zmq_dir, zmq.Context(), ipc.tokenizer(index)
+    pull = ipc.pull(ctx, d, name)
+    sched, api = ipc.push(ctx, d, ipc.SCHEDULER), ipc.push(ctx, d, ipc.API)
     info = {"has_tokenizer": tokenizer is not None, "has_chat_template": worker.has_chat_template}
-    ready.send(encode(Ready(f"tokenizer-{index}", info)))
+    _ready = ipc.announce(ctx, d, name, info)
 
     def handle(msg: Any) -> None:
         if isinstance(msg, TokenizeReq):
             out = worker.handle(msg)
-            (sched if isinstance(out, UserReq) else api).send(encode(out))
+            ipc.send(sched if isinstance(out, UserReq) else api, out)
         elif isinstance(msg, AbortReq):
-            sched.send(encode(msg))  # same pipe as the request: never overtakes it
+            ipc.send(sched, msg)  # same pipe as the request: never overtakes it
         elif msg.name == "config" and not worker.vocab_size:  # Ready: once, from the API
             worker.configure(msg.info)
 
-    Inbox(f"tokenizer-{index}", TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
+    ipc.Inbox(name, TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
