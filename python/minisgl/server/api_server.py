@@ -224,9 +224,7 @@ async def completions(request: Request, api: Api) -> Response:
     prompts = req.prompts()
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
-    for p in prompts:
-        if isinstance(p, list):
-            api.check_ids(p, "prompt")
+    api.check_ids([t for p in prompts if isinstance(p, list) for t in p], "prompt")
     gen = _generation(api, req, prompts, req.stop, chat=False)
     fmt = Formatter("completion", api.name, req.logprobs is not None, *req.usage_options(),
                     fingerprint=api.fingerprint)  # fmt: skip
@@ -257,8 +255,7 @@ async def generate(request: Request, api: Api) -> Response:
     req: GenerateRequest = parse(GenerateRequest, await request.body())
     api.require_ready()
     api.check_model(req.model)
-    if req.input_ids is not None:
-        api.check_ids(req.input_ids, "input_ids")
+    api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)
     rid = "gen-" + Formatter("completion", api.name, False).id[5:]

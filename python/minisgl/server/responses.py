@@ -74,8 +74,7 @@ class Formatter:
     def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False,
                  continuous_usage: bool = False, parser: Callable[[], ChatParser] | None = None,
                  fingerprint: str = "") -> None:  # fmt: skip
-        self.kind, self.model = kind, model
-        self.want_logprobs = want_logprobs
+        self.kind, self.model, self.want_logprobs = kind, model, want_logprobs
         self.include_usage, self.continuous_usage = include_usage, continuous_usage
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -172,12 +171,9 @@ def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) ->
         meta["output_token_logprobs"] = [
             [e.logprob, tid, e.text if texts else None] for e, tid in zip(c.logprobs, c.token_ids)
         ]
+        tops = [zip(e.top_ids, e.top_texts, e.top_logprobs) for e in c.logprobs]
         meta["output_top_logprobs"] = [
-            [
-                [v, i, t if texts else None]
-                for i, t, v in zip(e.top_ids, e.top_texts, e.top_logprobs)
-            ]
-            for e in c.logprobs
+            [[v, i, t if texts else None] for i, t, v in e] for e in tops
         ]
     text, ids = c.text[: c.sent], list(c.token_ids)
     return {"index": c.index, "text": text, "output_ids": ids, "meta_info": meta}
