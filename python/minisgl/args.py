@@ -31,23 +31,17 @@ class ServerArgs:
         None, "HOST:PORT of node 0's rendezvous, reachable from every node (--nnodes > 1)"
     )
     cache: str = _opt("radix", "prefix cache: radix (reuse shared prefixes) or naive (no reuse)")
-    max_prefill_length: int = _opt(
-        16384, "token budget of one prefill step; longer prompts are chunked"
-    )
+    max_prefill_length: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     page_size: int | None = _opt(None, "tokens per KV page (default: 1 on CPU, 64 on GPU)")
     attn: str = _opt(
         "auto", "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi"
     )
-    cuda_graph_max_bs: int | None = _opt(
-        None, "largest decode batch captured in a CUDA graph; 0 = no graphs (default: chosen "
-        "from --max-running-requests, at most 256)"
-    )  # fmt: skip
+    cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph; "
+        "0 = no graphs (default: chosen from --max-running-requests, at most 256)")  # fmt: skip
     max_running_requests: int = _opt(256, "cap on requests decoding at once")
     memory_ratio: float = _opt(0.9, "fraction of GPU memory for weights + KV cache")
-    num_pages: int | None = _opt(
-        None, "KV pages to allocate (default: sized from --memory-ratio on GPU, 32768 tokens' "
-        "worth at most on CPU)"
-    )  # fmt: skip
+    num_pages: int | None = _opt(None, "KV pages to allocate (default: sized from "
+        "--memory-ratio on GPU, 32768 tokens' worth at most on CPU)")  # fmt: skip
     max_seq_len: int | None = _opt(
         None, "longest sequence, prompt + output (default: the model's context length)"
     )
@@ -57,29 +51,18 @@ class ServerArgs:
     host: str = _opt("127.0.0.1", "address to bind; 0.0.0.0 exposes the server to the network")
     port: int = _opt(30000, "HTTP port")
     shell: bool = _opt(False, "interactive chat in the terminal instead of an HTTP server")
-    chat_template: str | None = _opt(
-        None, "path of a Jinja chat template overriding the tokenizer's"
-    )
-    served_model_name: str | None = _opt(
-        None, "the name clients send as `model` and /v1/models lists (default: the --model "
-        "argument as given)"
-    )  # fmt: skip
-    api_key: str | None = _opt(
-        None, "require 'Authorization: Bearer KEY' on every /v1 route and /generate (/health "
-        "and /metrics stay open)"
-    )  # fmt: skip
-    api_key_file: str | None = _opt(
-        None, "read the API key from this file's first line (or set MINISGL_API_KEY): unlike "
-        "--api-key, not visible in ps"
-    )  # fmt: skip
-    allowed_hosts: str | None = _opt(
-        None, "comma-separated Host header names accepted, or '*' (default: loopback names "
-        "when bound to loopback, else any)"
-    )  # fmt: skip
-    allowed_origins: str | None = _opt(
-        None, "comma-separated Origin values accepted from browsers, or '*', also answered "
-        "with CORS headers (default: origins whose host is an allowed host, no CORS)"
-    )  # fmt: skip
+    chat_template: str | None = _opt(None, "a Jinja chat template file overriding the tokenizer's")
+    served_model_name: str | None = _opt(None, "the name clients send as `model` and "
+        "/v1/models lists (default: the --model argument as given)")  # fmt: skip
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on every /v1 route "
+        "and /generate (/health and /metrics stay open)")  # fmt: skip
+    api_key_file: str | None = _opt(None, "read the API key from this file's first line (or "
+        "set MINISGL_API_KEY): unlike --api-key, not visible in ps")  # fmt: skip
+    allowed_hosts: str | None = _opt(None, "comma-separated Host header names accepted, or '*' "
+        "(default: loopback names when bound to loopback, else any)")  # fmt: skip
+    allowed_origins: str | None = _opt(None, "comma-separated Origin values accepted from "
+        "browsers, or '*', also answered with CORS headers (default: origins whose host is an "
+        "allowed host, no CORS)")  # fmt: skip
     num_tokenizer: int = _opt(1, "number of tokenizer worker processes")
     log_level: str = _opt("info", "debug, info, warning or error")
     max_request_bytes: int = _opt(8 * 1024 * 1024, "largest accepted request body, in bytes")
@@ -91,9 +74,7 @@ class ServerArgs:
     max_waiting_tokens: int = _opt(
         1 << 20, "prompt tokens waiting in the scheduler (429 beyond; 0 = no limit)"
     )
-    request_timeout: float = _opt(
-        0.0, "seconds after which a request ends with a 504 error (0 = never)"
-    )
+    request_timeout: float = _opt(0.0, "seconds after which a request ends with a 504 (0 = never)")
     stall_timeout: float = _opt(
         10.0, "seconds a client may read nothing of its response before it is aborted"
     )
@@ -116,14 +97,17 @@ class ServerArgs:
             if not ok:
                 raise ValueError(msg)
 
-        need(
-            self.device in ("auto", "cuda", "cpu"),
-            f"--device must be auto, cuda or cpu, got {self.device!r}",
-        )
-        need(
-            self.dtype in ("auto", "float32", "float16", "bfloat16"),
-            f"--dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
-        )
+        words = {  # the values each choice accepts, as its message says them
+            "device": "auto, cuda or cpu",
+            "dtype": "auto, float32, float16 or bfloat16",
+            "cache": "radix or naive",
+            "reasoning_parser": "qwen3",  # or None
+            "log_level": "debug, info, warning or error",
+        }
+        for name, ok in words.items():
+            v, accepted = getattr(self, name), ok.replace(" or ", ", ").split(", ")
+            if not (v in accepted or (v is None and name == "reasoning_parser")):
+                raise ValueError(f"--{name.replace('_', '-')} must be {ok}, got {v!r}")
         need(self.tp >= 1, f"--tp must be >= 1, got {self.tp}")
         need(self.nnodes >= 1, f"--nnodes must be >= 1, got {self.nnodes}")
         need(0 <= self.node_rank < self.nnodes, "--node-rank must be in [0, --nnodes)")
@@ -132,9 +116,6 @@ class ServerArgs:
             host, _, port = (self.dist_init_addr or "").rpartition(":")
             need(bool(host) and port.isdigit(), "--nnodes > 1 needs --dist-init-addr HOST:PORT")
             need(not self.shell, "--shell runs on one node only")
-        need(
-            self.cache in ("radix", "naive"), f"--cache must be radix or naive, got {self.cache!r}"
-        )
         need(self.max_prefill_length >= 1, "--max-prefill-length must be >= 1")
         for flag, v, low in (("page-size", self.page_size, 1), ("num-pages", self.num_pages, 1),
                              ("max-seq-len", self.max_seq_len, 1), ("max-tokens", self.max_tokens, 1),
@@ -159,14 +140,6 @@ class ServerArgs:
         need(
             self.request_timeout >= 0 and self.stall_timeout > 0,
             "--request-timeout must be >= 0 and --stall-timeout > 0",
-        )
-        need(
-            self.reasoning_parser in (None, "qwen3"),
-            f"--reasoning-parser must be qwen3, got {self.reasoning_parser!r}",
-        )
-        need(
-            self.log_level in ("debug", "info", "warning", "error"),
-            f"--log-level must be debug, info, warning or error, got {self.log_level!r}",
         )
 
     def __repr__(self) -> str:  # the API key never reaches a log

@@ -47,15 +47,18 @@ class SamplingParams:
         def bad(msg: str) -> ValueError:
             return ValueError(f"invalid SamplingParams: {msg}")
 
+        def num(v: Any) -> bool:  # an int or a float, not a bool
+            return isinstance(v, int | float) and not isinstance(v, bool)
+
         t = self.temperature
-        if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
+        if not num(t) or not math.isfinite(t) or t < 0:
             raise bad(f"temperature must be a finite number >= 0, got {t!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
             raise bad(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k == 0 or self.top_k < -1:
             raise bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
         p = self.top_p
-        if not isinstance(p, int | float) or isinstance(p, bool) or not (0 < p <= 1):
+        if not num(p) or not (0 < p <= 1):
             raise bad(f"top_p must be in (0, 1], got {p!r}")
         m = self.max_tokens
         if not isinstance(m, int) or isinstance(m, bool) or m < 1:
@@ -71,12 +74,7 @@ class SamplingParams:
         for name, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
                              ("repetition_penalty", 0, 2), ("min_p", 0, 1)):  # fmt: skip
             v = getattr(self, name)
-            if (
-                not isinstance(v, int | float)
-                or isinstance(v, bool)
-                or not lo <= v <= hi
-                or (name == "repetition_penalty" and v == 0)
-            ):
+            if not num(v) or not lo <= v <= hi or (name == "repetition_penalty" and v == 0):
                 raise bad(f"{name} must be a number in [{lo}, {hi}], got {v!r}")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")

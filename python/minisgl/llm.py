@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import logging
 import time
 import weakref
 
@@ -20,11 +19,12 @@ from tqdm import tqdm
 from .args import ServerArgs
 from .core import SamplingParams
 from .engine.engine import Engine
+from .engine.grammar import check_grammar
 from .messages import ErrorOut, TextOut, TokenOut
 from .scheduler.scheduler import Scheduler
 from .tokenizer import load_tokenizer
 
-log = logging.getLogger("minisgl")
+NO_TOKENIZER = "this model directory has no tokenizer: pass token-id lists as prompts"
 
 
 class LLM:
@@ -58,9 +58,8 @@ class LLM:
         self.engine = self.scheduler = None  # type: ignore[assignment]
         if self.args.log_level == "info":  # the default: keep the workers' logs quiet
             self.args = self.args.replace(log_level="warning")
-        self.tokenizer = load_tokenizer(
-            resolve_model_path(self.args.model), self.args.chat_template
-        )
+        path = resolve_model_path(self.args.model)
+        self.tokenizer = load_tokenizer(path, self.args.chat_template)
         self.client = WorkerClient(self.args)
         self._finalizer = weakref.finalize(self, self.client.close)
 
@@ -79,9 +78,7 @@ class LLM:
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
-                    "this model directory has no tokenizer: pass token-id lists as prompts"
-                )
+                raise ValueError(NO_TOKENIZER)
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
@@ -117,7 +114,8 @@ class LLM:
         for prompt, p in zip(prompts, params):
             uid = next(self._uids)
             self._outputs[uid], self._logprobs[uid] = [], []
-            err = _grammar_error(p) or self.scheduler.add(uid, self._encode(prompt), p)
+            bad_grammar = p.grammar is not None and check_grammar(p.grammar)
+            err = bad_grammar or self.scheduler.add(uid, self._encode(prompt), p)
             if err is not None:
                 for u in uids:
                     self.scheduler.abort(u)
@@ -131,29 +129,24 @@ class LLM:
             pending -= self._done
             now_done = len(uids) - len(pending)
             if now_done != finished:
-                toks = sum(len(self._outputs[u]) for u in uids)
-                bar.set_postfix_str(
-                    f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
-                )
+                rate = sum(len(self._outputs[u]) for u in uids) / (time.perf_counter() - start)
+                bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
                 bar.update(now_done - finished)
                 finished = now_done
         while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:
             self.scheduler.step()  # drain the step still in flight under overlap
         bar.close()
+        self._done.difference_update(uids)
         errors = [self._errors.pop(u) for u in uids if u in self._errors]
         if errors:
             for u in uids:
                 self._outputs.pop(u, None)
                 self._logprobs.pop(u, None)
-                self._done.discard(u)
             raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-        results = []
-        for u, p in zip(uids, params):
-            ids, lps = self._outputs.pop(u), self._logprobs.pop(u)
-            self._done.discard(u)
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            results.append({"text": text, "token_ids": ids, **_lp_field(p, lps)})
-        return results
+        return [
+            self._result(p, self._outputs.pop(u), self._logprobs.pop(u))
+            for u, p in zip(uids, params)
+        ]
 
     def _generate_tp(
         self, prompts: list, params: list[SamplingParams], use_tqdm: bool
@@ -163,9 +156,7 @@ class LLM:
         if c is None or c.closed:
             raise RuntimeError("this LLM has been shut down")
         if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
-            raise ValueError(
-                "this model directory has no tokenizer: pass token-id lists as prompts"
-            )
+            raise ValueError(NO_TOKENIZER)
         uids = [c.submit(p if isinstance(p, str) else list(p), sp)
                 for p, sp in zip(prompts, params)]  # fmt: skip
         outputs: dict[int, list[int]] = {u: [] for u in uids}
@@ -188,20 +179,19 @@ class LLM:
                 if msg.finished is not None:
                     pending.discard(msg.uid)
                     c.done(msg.uid)
-                    bar.set_postfix_str(
-                        f"{toks / (time.perf_counter() - start):.0f} tok/s", refresh=False
-                    )
+                    rate = toks / (time.perf_counter() - start)
+                    bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
                     bar.update(1)
         finally:
             bar.close()
             for u in pending:  # an error or an interrupt: drop the rest of the batch
                 c.abort(u)
-        results = []
-        for u, p in zip(uids, params):
-            ids = outputs[u]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
-            results.append({"text": text, "token_ids": ids, **_lp_field(p, lps[u])})
-        return results
+        return [self._result(p, outputs[u], lps[u]) for u, p in zip(uids, params)]
+
+    def _result(self, p: SamplingParams, ids: list[int], lps: list) -> dict[str, object]:
+        """With `logprobs=k`: per output token [logprob, [[id, logprob] x k]] (raw model logits)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+        return {"text": text, "token_ids": ids, **({"logprobs": lps} if p.logprobs >= 0 else {})}
 
     @torch.inference_mode()
     def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -228,8 +218,6 @@ class LLM:
 
     def shutdown(self) -> None:
         """Drop the engine and give its device memory back (tp>1: stop every worker process)."""
-        import gc
-
         if self.client is not None:
             self._finalizer()  # WorkerClient.close, once; also run at GC and at exit
             return
@@ -239,14 +227,3 @@ class LLM:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _lp_field(p: SamplingParams, lps: list) -> dict[str, object]:
-    """With `logprobs=k`: per output token [logprob, [[id, logprob] x k]] (raw model logits)."""
-    return {"logprobs": lps} if p.logprobs >= 0 else {}
-
-
-def _grammar_error(p: SamplingParams) -> str | None:
-    from .engine.grammar import check_grammar
-
-    return None if p.grammar is None else check_grammar(p.grammar)

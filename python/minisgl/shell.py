@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import os
 import sys
 import time
@@ -32,8 +31,6 @@ from minisgl.args import ServerArgs
 from minisgl.core import SamplingParams
 from minisgl.messages import ErrorOut
 from minisgl.server.client import WorkerClient, WorkerDied
-
-logger = logging.getLogger("minisgl.shell")
 
 HELP = "commands: /reset clears the history, /exit or /quit (or Ctrl-D) leaves"
 DEFAULT_MAX_TOKENS = 512
@@ -72,11 +69,8 @@ class LineReader:
 
 class Shell:
     def __init__(self, args: ServerArgs, client: WorkerClient, out: Any = sys.stdout) -> None:
-        self.args = args
-        self.client = client
-        self.out = out
-        info = client.tokenizer_info
-        self.chat = bool(info.get("has_chat_template"))
+        self.args, self.client, self.out = args, client, out
+        self.chat = bool(client.tokenizer_info.get("has_chat_template"))
         self.turns: list[tuple[str, str]] = []  # (input, answer), oldest first
 
     def write(self, text: str) -> None:
@@ -139,10 +133,7 @@ class Shell:
         while True:
             try:
                 line = reader.read(">>> ")
-            except EOFError:
-                self.write("\n")
-                return
-            except KeyboardInterrupt:
+            except (EOFError, KeyboardInterrupt):
                 self.write("\n")
                 return
             cmd = line.strip()
@@ -171,13 +162,11 @@ def run_shell(args: ServerArgs) -> int:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("PYTHONWARNINGS", "ignore")
     setup_logging(args.log_level, "shell")
-    client = None
-    status = 0
+    client, status = None, 0
     try:
         print(f"loading {args.model_name} ...", flush=True)
         client = WorkerClient(args)  # starts the workers and waits until all are ready
-        info = client.tokenizer_info
-        if not info.get("has_tokenizer", True):
+        if not client.tokenizer_info.get("has_tokenizer", True):
             print("this model has no tokenizer: the shell needs one", file=sys.stderr)
             return 1
         ctx = int(client.info["max_seq_len"])

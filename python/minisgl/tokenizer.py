@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import glob
-import logging
 import os
 from typing import Any
 
-log = logging.getLogger("minisgl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 

@@ -33,12 +33,7 @@ class AttnMeta:
 
 class AttentionBackend(ABC):
     def __init__(
-        self,
-        pool: KVPool,
-        slots: SlotTable,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
+        self, pool: KVPool, slots: SlotTable, num_heads: int, num_kv_heads: int, head_dim: int
     ) -> None:
         # the device table for kernels that gather on the GPU, the host copy for planning
         self.pool, self.slot_table, self.host_slots = pool, slots.device, slots.np

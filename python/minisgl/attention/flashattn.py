@@ -29,12 +29,7 @@ def _import_varlen() -> Callable[..., torch.Tensor]:
 
 class FlashAttentionBackend(AttentionBackend):
     def __init__(
-        self,
-        pool: KVPool,
-        slots: SlotTable,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
+        self, pool: KVPool, slots: SlotTable, num_heads: int, num_kv_heads: int, head_dim: int
     ) -> None:
         super().__init__(pool, slots, num_heads, num_kv_heads, head_dim)
         self.varlen = _import_varlen()

@@ -42,12 +42,7 @@ class FlashInferBackend(AttentionBackend):
     supports_graph = True
 
     def __init__(
-        self,
-        pool: KVPool,
-        slots: SlotTable,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
+        self, pool: KVPool, slots: SlotTable, num_heads: int, num_kv_heads: int, head_dim: int
     ) -> None:
         super().__init__(pool, slots, num_heads, num_kv_heads, head_dim)
         if head_dim not in (64, 128, 256) or pool.k.dtype not in (torch.float16, torch.bfloat16):
@@ -55,8 +50,7 @@ class FlashInferBackend(AttentionBackend):
                 f"--attn fi supports head_dim 64/128/256 in float16/bfloat16, not {head_dim} in {pool.k.dtype}; "
                 "use --attn torch"
             )
-        fi = _import_flashinfer()
-        self.fi = fi
+        self.fi = fi = _import_flashinfer()
         self.ps = pool.page_size
         dev = pool.k.device
         self.workspace = torch.zeros(256 << 20, dtype=torch.uint8, device=dev)
@@ -98,9 +92,9 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, meta: AttnMeta) -> None:
         self.meta = meta
-        indptr, indices, last = self._page_indices(meta)
         dtype = self.pool.k.dtype
         if meta.is_prefill:
+            indptr, indices, last = self._page_indices(meta)
             qo = torch.zeros(len(meta.extend_lens_host) + 1, dtype=torch.int32)
             torch.cumsum(torch.tensor(meta.extend_lens_host, dtype=torch.int32), 0, out=qo[1:])
             self.prefill.plan(
@@ -109,12 +103,11 @@ class FlashInferBackend(AttentionBackend):
             )  # fmt: skip
             self.active = self.prefill
         else:
-            self._plan_decode(self.decode, indptr, indices, last)
+            self._plan_decode(self.decode, meta)
             self.active = self.decode
 
-    def _plan_decode(
-        self, wrapper: object, indptr: torch.Tensor, indices: torch.Tensor, last: torch.Tensor
-    ) -> None:
+    def _plan_decode(self, wrapper: object, meta: AttnMeta) -> None:
+        indptr, indices, last = self._page_indices(meta)
         dtype = self.pool.k.dtype
         wrapper.plan(
             indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.ps,
@@ -140,12 +133,10 @@ class FlashInferBackend(AttentionBackend):
         )  # fmt: skip
         self.graph_wrappers[bs, buf] = wrapper
         self.meta = meta
-        indptr, indices, last = self._page_indices(meta)
-        self._plan_decode(wrapper, indptr, indices, last)
+        self._plan_decode(wrapper, meta)
         self.active = wrapper
 
     def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         wrapper = self.graph_wrappers[bs, buf]
-        indptr, indices, last = self._page_indices(meta)
-        self._plan_decode(wrapper, indptr, indices, last)
+        self._plan_decode(wrapper, meta)
         self.active = wrapper

@@ -42,12 +42,8 @@ class TorchBackend(AttentionBackend):
         valid = torch.arange(max_len, device=q.device)[None, :] < m.seq_lens[:, None]
         slots = torch.where(valid, slots, 0)
         k, v = kbuf[slots].transpose(1, 2), vbuf[slots].transpose(1, 2)  # [B, KV, L, D]
+        mask = valid[:, None, None, :]
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),
-            k,
-            v,
-            attn_mask=valid[:, None, None, :],
-            scale=self.scale,
-            enable_gqa=True,
+            q.unsqueeze(2), k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
         )
         return o.squeeze(2)

@@ -114,9 +114,8 @@ class Engine:
         self._sinfo: SamplingInfo | None = None
         self._sinfo_key: tuple = ()
         self.graphs: GraphRunner | None = None
-        max_bs = min(
-            256 if args.cuda_graph_max_bs is None else args.cuda_graph_max_bs, self.max_reqs
-        )
+        graph_bs = args.cuda_graph_max_bs
+        max_bs = min(256 if graph_bs is None else graph_bs, self.max_reqs)
         if self.device == "cuda":
             if max_bs and self.attn.supports_graph:
                 self.graphs = GraphRunner(

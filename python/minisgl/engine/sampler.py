@@ -141,15 +141,8 @@ class Sampler:
             return logits.argmax(dim=-1)
         if triton_ops.available(logits):
             return self._fused(logits, info)
-        return sample(
-            logits,
-            info.temperatures,
-            info.top_ks,
-            info.top_ps,
-            self.generator,
-            info.seeded,
-            info.needs_filter,
-        )
+        t, k, p = info.temperatures, info.top_ks, info.top_ps
+        return sample(logits, t, k, p, self.generator, info.seeded, info.needs_filter)
 
     def _fused(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
         """One pass over the logits (Gumbel-max in a Triton kernel). Rows with top-k/top-p take

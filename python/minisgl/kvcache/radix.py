@@ -60,7 +60,6 @@ class RadixCacheManager(BaseCacheManager):
         self._protected = 0
 
     # ---- queries -------------------------------------------------------------------------
-
     @property
     def evictable_tokens(self) -> int:
         return self._evictable
@@ -74,7 +73,6 @@ class RadixCacheManager(BaseCacheManager):
         return node, np.concatenate(values) if values else _empty()
 
     # ---- locking -------------------------------------------------------------------------
-
     def lock(self, handle: RadixNode) -> None:
         node = handle
         while node is not self.root:
@@ -97,7 +95,6 @@ class RadixCacheManager(BaseCacheManager):
             node = node.parent
 
     # ---- insert / evict ------------------------------------------------------------------
-
     def insert(self, token_ids: Sequence[int], kv_indices: np.ndarray) -> int:
         tokens = self._aligned(token_ids)
         assert len(kv_indices) >= len(tokens), "need one kv index per token"
@@ -136,7 +133,6 @@ class RadixCacheManager(BaseCacheManager):
         return np.concatenate(freed) if freed else _empty()
 
     # ---- invariants ----------------------------------------------------------------------
-
     def check(self) -> None:
         p = self.page_size
         evictable = protected = 0
@@ -163,7 +159,6 @@ class RadixCacheManager(BaseCacheManager):
             assert len(np.unique(all_idx)) == len(all_idx), "kv index cached twice"
 
     # ---- helpers -------------------------------------------------------------------------
-
     def _aligned(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         n = len(token_ids) // self.page_size * self.page_size
         return tuple(token_ids[:n])

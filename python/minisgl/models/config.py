@@ -39,11 +39,8 @@ class ModelConfig:
     sliding_window: int | None = None  # attention window (Mistral), None = full attention
 
     def is_moe_layer(self, layer: int) -> bool:
-        return (
-            self.num_experts > 0
-            and layer not in self.mlp_only_layers
-            and (layer + 1) % self.decoder_sparse_step == 0
-        )
+        sparse = (layer + 1) % self.decoder_sparse_step == 0
+        return self.num_experts > 0 and layer not in self.mlp_only_layers and sparse
 
     @classmethod
     def from_dir(cls, path: str) -> ModelConfig:
@@ -85,6 +82,9 @@ class ModelConfig:
         is_qwen2 = arch == "Qwen2ForCausalLM"
         mistral = arch.startswith("Mistral")
         bias = bool(cfg.get("attention_bias", False))
+        eos = eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))
+        # Mistral uses its window whenever one is set; Qwen2/3 only with use_sliding_window
+        window = cfg.get("sliding_window") if mistral or cfg.get("use_sliding_window") else None
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -103,9 +103,7 @@ class ModelConfig:
             o_bias=bias and not is_qwen2,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             torch_dtype=str(dtype).replace("torch.", ""),
-            eos_token_ids=list(
-                eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))
-            ),
+            eos_token_ids=list(eos),
             # transformers 5.x writes `num_local_experts`, the hub checkpoints `num_experts`
             num_experts=cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,
@@ -113,10 +111,7 @@ class ModelConfig:
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
             decoder_sparse_step=cfg.get("decoder_sparse_step") or 1,
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
-            # Mistral uses its window whenever one is set; Qwen2/3 only with use_sliding_window
-            sliding_window=cfg.get("sliding_window")
-            if mistral or cfg.get("use_sliding_window")
-            else None,
+            sliding_window=window,
         )
 
 

@@ -85,7 +85,7 @@ def safetensors_files(path: str) -> list[str]:
 
 
 def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> None:
-    params = dict(model.named_parameters())
+    params, tied = dict(model.named_parameters()), model.cfg.tie_word_embeddings
     seen: set[str] = set()
     files = safetensors_files(path)
     for file in tqdm(files, desc="Loading weights", disable=not show_progress or len(files) < 2):
@@ -96,19 +96,14 @@ def load_weights(model: nn.Module, path: str, show_progress: bool = True) -> Non
                     continue
                 target, args = mapped
                 if target not in params:
-                    if target == "lm_head.weight" and model.cfg.tie_word_embeddings:
+                    if target == "lm_head.weight" and tied:
                         continue  # a tied checkpoint may still ship its own copy
                     raise ValueError(f"unexpected tensor {name!r} in {os.path.basename(file)}")
                 param = params[target]
-                tensor = f.get_tensor(name)
                 with torch.no_grad():
-                    param.weight_loader(param, tensor.to(param.dtype), *args)
+                    param.weight_loader(param, f.get_tensor(name).to(param.dtype), *args)
                 seen.add(target)
-    missing = [
-        n
-        for n in params
-        if n not in seen and not (n == "lm_head.weight" and model.cfg.tie_word_embeddings)
-    ]
+    missing = [n for n in params if n not in seen and not (n == "lm_head.weight" and tied)]
     if missing:
         raise ValueError(
             f"checkpoint {path} lacks tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}"

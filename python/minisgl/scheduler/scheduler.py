@@ -221,9 +221,8 @@ class Scheduler:
                 for i, kw in enumerate(kinds):
                     prompt = base[: n - i] if rnd == 0 else base + [i + 1] * (i + 1)
                     params = SamplingParams(max_tokens=4, ignore_eos=True, **kw)
-                    self.add(
-                        -1 - i - len(kinds) * rnd, prompt[: self.engine.max_seq_len - 4], params
-                    )
+                    uid = -1 - i - len(kinds) * rnd
+                    self.add(uid, prompt[: self.engine.max_seq_len - 4], params)
                 while self.busy:
                     self.step()
         finally:

@@ -39,17 +39,8 @@ from .tools import ChatParser, tool_mode
 logger = logging.getLogger("minisgl.server")
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
-ROUTES = (
-    "/v1/completions",
-    "/v1/chat/completions",
-    "/v1/models",
-    "/generate",
-    "/tokenize",
-    "/detokenize",
-    "/health",
-    "/metrics",
-    *router_api.ROUTES,
-)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/tokenize")
+ROUTES += ("/detokenize", "/health", "/metrics", *router_api.ROUTES)
 KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
 
 
@@ -69,7 +60,7 @@ class Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         route = path if path in ROUTES else "other"
-        status_box = [500]
+        status_box, stall = [500], self.args.stall_timeout
         rid = dict(scope.get("headers") or []).get(b"x-request-id", b"")
         if not re.fullmatch(rb"[\x21-\x7e]{1,128}", rid):  # echoed when sane, else made up
             rid = uuid.uuid4().hex.encode()
@@ -80,7 +71,7 @@ class Guard:
                 headers = [*message.get("headers", []), (b"x-request-id", rid)]
                 message = {**message, "headers": headers}
             try:
-                async with asyncio.timeout(self.args.stall_timeout):
+                async with asyncio.timeout(stall):
                     await send(message)
             except TimeoutError:
                 raise Stalled from None
@@ -88,9 +79,7 @@ class Guard:
         try:
             await self._call(scope, receive, send_wrapper, path)
         except Stalled:  # returning unfinished makes uvicorn close the connection
-            logger.warning(
-                "%s: the client read nothing for %g s: dropped", path, self.args.stall_timeout
-            )
+            logger.warning("%s: the client read nothing for %g s: dropped", path, stall)
         finally:
             self.metrics.http.labels(route, str(status_box[0])).inc()
 
@@ -235,9 +224,7 @@ async def completions(request: Request, api: Api) -> Response:
     prompts = req.prompts()
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
-    for p in prompts:
-        if isinstance(p, list):
-            api.check_ids(p, "prompt")
+    api.check_ids([t for p in prompts if isinstance(p, list) for t in p], "prompt")
     gen = _generation(api, req, prompts, req.stop, chat=False)
     fmt = Formatter("completion", api.name, req.logprobs is not None, *req.usage_options(),
                     fingerprint=api.fingerprint)  # fmt: skip
@@ -268,8 +255,7 @@ async def generate(request: Request, api: Api) -> Response:
     req: GenerateRequest = parse(GenerateRequest, await request.body())
     api.require_ready()
     api.check_model(req.model)
-    if req.input_ids is not None:
-        api.check_ids(req.input_ids, "input_ids")
+    api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)
     rid = "gen-" + Formatter("completion", api.name, False).id[5:]

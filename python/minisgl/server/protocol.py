@@ -191,10 +191,8 @@ class ChatMessage(BaseModel):
                 raise ValueError("only text content parts are supported")
             c = "".join(p.text or "" for p in c)
         msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
-        for k in ("name", "tool_calls", "tool_call_id"):
-            if getattr(self, k) is not None:
-                msg[k] = getattr(self, k)
-        return msg
+        extra = {k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id")}
+        return msg | {k: v for k, v in extra.items() if v is not None}
 
 
 class Function(StrictModel):
@@ -243,7 +241,6 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
     max_completion_tokens: SInt | None = None
     logprobs: SBool = False
     top_logprobs: SInt | None = None
-    add_generation_prompt: SBool = True
     continue_final_message: Literal[False] = False
     # SGLang's: accepted at the behaviour implemented (--reasoning-parser splits, streamed too)
     separate_reasoning: Literal[True] = True

@@ -15,13 +15,9 @@ from minisgl.messages import Logprob
 from .generation import ApiError, Choice, Generation
 from .tools import ChatParser
 
-ERROR_TYPES = {
-    400: "invalid_request_error",
+ERROR_TYPES = {  # else invalid_request_error below 500, server_error from it
     401: "authentication_error",
     404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    499: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -57,12 +53,8 @@ def chat_logprobs(entries: list[Logprob]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[Logprob], offset: int) -> dict[str, Any]:
-    out: dict[str, list] = {
-        "tokens": [],
-        "token_logprobs": [],
-        "top_logprobs": [],
-        "text_offset": [],
-    }
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    out: dict[str, list] = {k: [] for k in keys}
     for e in entries:
         text, lp = e.text, e.logprob
         out["tokens"].append(text)
@@ -82,8 +74,7 @@ class Formatter:
     def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False,
                  continuous_usage: bool = False, parser: Callable[[], ChatParser] | None = None,
                  fingerprint: str = "") -> None:  # fmt: skip
-        self.kind, self.model = kind, model
-        self.want_logprobs = want_logprobs
+        self.kind, self.model, self.want_logprobs = kind, model, want_logprobs
         self.include_usage, self.continuous_usage = include_usage, continuous_usage
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -120,26 +111,18 @@ class Formatter:
     def full(self, gen: Generation) -> dict[str, Any]:
         choices = []
         for c in gen.choices:
-            lp = self._logprobs(c, c.logprobs)
+            choice: dict[str, Any] = {"index": c.index}
             if self.kind == "chat":
                 parts = self._parse(c, c.text, True)
                 calls = self._parsers[c.index].calls
                 msg = {"role": "assistant", "content": parts.get("content", None if calls else "")}
                 msg.update({k: v for k, v in parts.items() if k == "reasoning_content"})
-                msg.update({"tool_calls": calls} if calls else {})
-                choices.append(
-                    {"index": c.index, "message": msg, "logprobs": lp,
-                     "finish_reason": self._finish(c)}
-                )  # fmt: skip
+                choice["message"] = msg | ({"tool_calls": calls} if calls else {})
             else:
-                choices.append(
-                    {
-                        "index": c.index,
-                        "text": c.text,
-                        "logprobs": lp,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
+                choice["text"] = c.text
+            choice["logprobs"] = self._logprobs(c, c.logprobs)
+            choice["finish_reason"] = self._finish(c)  # a completion has no parser: its own
+            choices.append(choice)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {**self._head(obj), "choices": choices, "usage": gen.usage()}
 
@@ -176,9 +159,7 @@ class Formatter:
 
 # ---- native /generate -----------------------------------------------------------------------
 def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) -> dict[str, Any]:
-    finish = None
-    if c.finish_reason is not None:
-        finish = {"type": c.finish_reason}
+    finish = None if c.finish_reason is None else {"type": c.finish_reason}
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": finish,
@@ -190,19 +171,12 @@ def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) ->
         meta["output_token_logprobs"] = [
             [e.logprob, tid, e.text if texts else None] for e, tid in zip(c.logprobs, c.token_ids)
         ]
+        tops = [zip(e.top_ids, e.top_texts, e.top_logprobs) for e in c.logprobs]
         meta["output_top_logprobs"] = [
-            [
-                [v, i, t if texts else None]
-                for i, t, v in zip(e.top_ids, e.top_texts, e.top_logprobs)
-            ]
-            for e in c.logprobs
+            [[v, i, t if texts else None] for i, t, v in e] for e in tops
         ]
-    return {
-        "index": c.index,
-        "text": c.text[: c.sent],
-        "output_ids": list(c.token_ids),
-        "meta_info": meta,
-    }
+    text, ids = c.text[: c.sent], list(c.token_ids)
+    return {"index": c.index, "text": text, "output_ids": ids, "meta_info": meta}
 
 
 async def native_stream(

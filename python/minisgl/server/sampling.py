@@ -4,6 +4,7 @@ the engine's SamplingParams, one per choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -22,34 +23,35 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
-def check_positive(cls: Any, v: int | None) -> int | None:
-    if v is not None and not 1 <= v <= MAX_INT:
-        raise ValueError(f"must be an integer in [1, {MAX_INT}], got {v}")
-    return v
+def _check(ok: Callable[[Any], bool], msg: str) -> Callable[[Any, Any], Any]:
+    """A field validator: None passes, a value failing `ok` is refused with `msg` ({v}: it)."""
+
+    def check(cls: Any, v: Any) -> Any:
+        if v is not None and not ok(v):
+            raise ValueError(msg.format(v=v))
+        return v
+
+    return check
 
 
-def _temperature(cls: Any, v: float | None) -> float | None:
-    if v is not None and not 0 <= v <= 100:
-        raise ValueError(f"must be in [0, 100], got {v}")
-    return v
-
-
-def _top_p(cls: Any, v: float | None) -> float | None:
-    if v is not None and not 0 < v <= 1:
-        raise ValueError(f"must be in (0, 1], got {v}")
-    return v
-
-
-def _top_k(cls: Any, v: int | None) -> int | None:
-    if v is not None and not (v in (-1, 0) or 1 <= v <= MAX_INT):
-        raise ValueError(f"must be -1 or 0 (disabled) or a positive integer, got {v}")
-    return v
-
-
-def _n(cls: Any, v: int) -> int:
-    if v < 1:
-        raise ValueError(f"must be >= 1, got {v}")
-    return v
+check_positive = _check(
+    lambda v: 1 <= v <= MAX_INT, f"must be an integer in [1, {MAX_INT}], got {{v}}"
+)
+_temperature = _check(lambda v: 0 <= v <= 100, "must be in [0, 100], got {v}")
+_top_p = _check(lambda v: 0 < v <= 1, "must be in (0, 1], got {v}")
+_top_k = _check(
+    lambda v: v in (-1, 0) or 1 <= v <= MAX_INT,
+    "must be -1 or 0 (disabled) or a positive integer, got {v}",
+)
+_n = _check(lambda v: v >= 1, "must be >= 1, got {v}")
+_stop_ids = _check(
+    lambda v: len(v) <= 1024 and all(0 <= i <= MAX_INT for i in v),
+    "must be at most 1024 non-negative token ids",
+)
+check_seed = _check(lambda v: -(2**63) <= v < 2**63, "must fit in a signed 64-bit integer")
+check_top_logprobs = _check(
+    lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"
+)
 
 
 def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
@@ -59,24 +61,6 @@ def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
     if any(not s or len(s) > MAX_STOP_LEN for s in stops):
         raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
     return stops
-
-
-def _stop_ids(cls: Any, v: list[int] | None) -> list[int] | None:
-    if v is not None and (len(v) > 1024 or any(not 0 <= i <= MAX_INT for i in v)):
-        raise ValueError("must be at most 1024 non-negative token ids")
-    return v
-
-
-def check_seed(cls: Any, v: int | None) -> int | None:
-    if v is not None and not -(2**63) <= v < 2**63:
-        raise ValueError("must fit in a signed 64-bit integer")
-    return v
-
-
-def check_top_logprobs(cls: Any, v: int | None) -> int | None:
-    if v is not None and not 0 <= v <= MAX_TOP_LOGPROBS:
-        raise ValueError(f"must be in [0, {MAX_TOP_LOGPROBS}]")
-    return v
 
 
 def check_ids(ids: list[int], what: str, vocab: int) -> None:
