@@ -32,7 +32,7 @@ from .info_routes import chat_payload
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from .responses import Formatter, error_response, native_item, native_stream
-from .state import Api, ApiState, parse
+from .state import Api, ApiState
 from .tokenizer import NO_TEMPLATE
 from .tools import ChatParser, tool_mode
 
@@ -218,9 +218,7 @@ async def _respond(
 
 @router.post("/v1/completions", openapi_extra=BODY)
 async def completions(request: Request, api: Api) -> Response:
-    req: CompletionRequest = parse(CompletionRequest, await request.body())
-    api.require_ready()
-    api.check_model(req.model)
+    req: CompletionRequest = await api.accept(CompletionRequest, request)
     prompts = req.prompts()
     if len(prompts) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
@@ -234,9 +232,7 @@ async def completions(request: Request, api: Api) -> Response:
 
 @router.post("/v1/chat/completions", openapi_extra=BODY)
 async def chat_completions(request: Request, api: Api) -> Response:
-    req: ChatCompletionRequest = parse(ChatCompletionRequest, await request.body())
-    api.require_ready()
-    api.check_model(req.model)
+    req: ChatCompletionRequest = await api.accept(ChatCompletionRequest, request)
     info = api.bridge.tokenizer_info
     if not info.get("has_chat_template", True):
         no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
@@ -252,9 +248,7 @@ async def chat_completions(request: Request, api: Api) -> Response:
 
 @router.post("/generate", openapi_extra=BODY)
 async def generate(request: Request, api: Api) -> Response:
-    req: GenerateRequest = parse(GenerateRequest, await request.body())
-    api.require_ready()
-    api.check_model(req.model)
+    req: GenerateRequest = await api.accept(GenerateRequest, request)
     api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)

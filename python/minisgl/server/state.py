@@ -71,6 +71,13 @@ class ApiState:
     def check_ids(self, ids: list[int], what: str) -> None:
         check_ids(ids, what, self.bridge.vocab_size)
 
+    async def accept(self, model: type[BaseModel], request: Request) -> Any:
+        """A generation route's body, parsed, once the server is ready and the model its own."""
+        req = parse(model, await request.body())
+        self.require_ready()
+        self.check_model(req.model)
+        return req
+
 
 def _api(request: Request) -> ApiState:
     return request.app.state.api
