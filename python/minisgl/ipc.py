@@ -8,7 +8,7 @@ a worker can start before or after the peers it writes to:
   scheduler     scheduler rank 0: UserReq/AbortReq (tokenizers), FlushCache (API), Shutdown
   detokenizer   TokenOut/ErrorOut/Stats/FlushCache (rank 0), AbortReq (API)
   tokenizer-i   tokenizer worker i: TokenizeReq/AbortReq, Ready("config") (API)
-  api           API server or WorkerClient: TextOut/ErrorOut/Stats/FlushCache, Heartbeats
+  api           API server or WorkerClient: TextOuts/ErrorOut/Stats/FlushCache, Heartbeats
   launcher      API server or WorkerClient: Ready from every worker
 
 The request and result paths run without a high-water mark (`hwm=0`): a burst is queued, never

@@ -1,9 +1,9 @@
 """Messages between processes: typed dataclasses with an explicit msgpack encoding.
 
 Each message is encoded as `[tag, field1, field2, ...]`; the tag picks the class from a fixed
-table, so nothing read from a socket can name an arbitrary class. Two records travel inside
+table, so nothing read from a socket can name an arbitrary class. Three records travel inside
 messages as plain lists of their fields, in declaration order: `SamplingParams` (core.py; rebuilt,
-so validated, on decode) and `Logprob`. `decode` checks every frame against its class's field
+so validated, on decode), `Logprob` and `TextOut`. `decode` checks every frame against its class's field
 annotations (records field by field, and TokenOut's row lengths) and raises `BadFrame` for
 anything else, so a receive loop (ipc.Inbox) only ever sees well-typed messages. `check_prompt`
 is the one check of a prompt against the model's `Limits`, wherever one is made (tokenizer
@@ -127,9 +127,8 @@ class TokenOut:
 
 @dataclass
 class TextOut:
-    """Detokenizer -> API server: a text delta for one request."""
+    """A text delta for one request: a record inside TextOuts."""
 
-    TAG: ClassVar[int] = 5
     uid: int
     text: str
     token_ids: list[int]
@@ -137,6 +136,16 @@ class TextOut:
     logprobs: list[Logprob | None]  # per token: None without logprobs
     cached: int
     prompt_len: int
+
+
+@dataclass
+class TextOuts:
+    """Detokenizer -> API server: the text deltas of one scheduler step, all requests in one
+    message. One message per request cost the API process a receive, an event-loop wake-up
+    and a decode per token of every running request (25K messages/s at 100 requests)."""
+
+    TAG: ClassVar[int] = 5
+    outs: list[TextOut]
 
 
 @dataclass
@@ -191,7 +200,7 @@ class Heartbeat:
 
 
 Message = (
-    TokenizeReq | UserReq | AbortReq | TokenOut | TextOut | ErrorOut | Ready | Stats | Shutdown
+    TokenizeReq | UserReq | AbortReq | TokenOut | TextOuts | ErrorOut | Ready | Stats | Shutdown
     | FlushCache | Heartbeat
 )  # fmt: skip
 
@@ -201,7 +210,7 @@ class BadFrame(ValueError):
 
 
 _BAD = object()  # what a field codec returns for a value of the wrong type
-_RECORDS = (SamplingParams, Logprob)  # travel as the list of their fields
+_RECORDS = (SamplingParams, Logprob, TextOut)  # travel as the list of their fields
 
 
 def _plain(tp: Any) -> set[type] | None:
@@ -280,12 +289,13 @@ def _record(cls: type) -> Callable[[Any], Any]:
 
 
 _BY_TAG = {cls.TAG: (cls, *_fields(cls)) for cls in get_args(Message)}
-_SP_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
+_RECORD_FIELDS = {cls: [f.name for f in dataclasses.fields(cls)] for cls in (SamplingParams, TextOut)}
 
 
 def _pack(obj: Any) -> Any:
-    if isinstance(obj, SamplingParams):
-        return [getattr(obj, n) for n in _SP_FIELDS]
+    names = _RECORD_FIELDS.get(type(obj))
+    if names is not None:
+        return [getattr(obj, n) for n in names]
     raise TypeError(f"cannot encode {type(obj).__name__}")  # a Logprob packs as its tuple
 
 

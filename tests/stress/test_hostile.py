@@ -276,7 +276,7 @@ def test_malformed_frames_every_socket(server):
     stays 200 beyond the heartbeat timeout, and a greedy request still gets the exact text."""
     import zmq
 
-    from minisgl.messages import ErrorOut, Heartbeat, Ready, TextOut, TokenOut, encode
+    from minisgl.messages import ErrorOut, Heartbeat, Ready, TextOut, TextOuts, TokenOut, encode
 
     body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0}
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as c:
@@ -284,7 +284,7 @@ def test_malformed_frames_every_socket(server):
         pids = {p: comm(p) for p in descendants(server.proc.pid)}
         log_before = server.log.read_text().count("bad frame")
         misplaced = [encode(m) for m in (TokenOut([10**9], [1], [None]), Ready("config", {}),
-                     TextOut(10**9, "x", [1], None, [], 0, 1), ErrorOut(10**9, "x"),
+                     TextOuts([TextOut(10**9, "x", [1], None, [], 0, 1)]), ErrorOut(10**9, "x"),
                      Ready("bogus"), Heartbeat("bogus"))]  # fmt: skip
         ctx = zmq.Context()
         names = sorted(p.name for p in server.socket_dir().iterdir())

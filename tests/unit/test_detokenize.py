@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minisgl.messages import AbortReq, ErrorOut, Logprob, Stats, TextOut, TokenOut
+from minisgl.messages import AbortReq, ErrorOut, Logprob, Stats, TextOuts, TokenOut
 from minisgl.server.detokenizer import Detokenizer, IncrementalDetokenizer
 
 TEXTS = [
@@ -138,15 +138,16 @@ def test_worker_messages(tok):
                 [9],
             )
         )
-        assert len(out) == 1 and isinstance(out[0], TextOut)
-        texts += out[0].text
-        ids_seen += out[0].token_ids
-        lp = out[0].logprobs[0]
+        assert len(out) == 1 and isinstance(out[0], TextOuts) and len(out[0].outs) == 1
+        o = out[0].outs[0]
+        texts += o.text
+        ids_seen += o.token_ids
+        lp = o.logprobs[0]
         assert lp.text == det.inc.token_text(t) and lp.logprob == -0.5
         assert lp.top_ids == [t, 3] and lp.top_texts == [lp.text, "\x00"]
-        assert out[0].cached == 2 and out[0].prompt_len == 9
+        assert o.cached == 2 and o.prompt_len == 9
     assert texts == full_decode(tok, ids) and ids_seen == ids
-    assert out[0].finished == "stop"
+    assert o.finished == "stop"
     # other messages pass through unchanged
     for m in (ErrorOut(3, "bad", 400), Stats({"running_reqs": 1.0})):
         assert det.handle(m) == [m]
@@ -166,9 +167,20 @@ def test_token_text_keeps_space(tok):
 
 def test_no_tokenizer_passes_ids():
     det = Detokenizer(None)
-    out = det.handle(TokenOut([1, 2], [10, 11], [None, "length"]))
-    assert [(o.uid, o.text, o.token_ids, o.finished) for o in out] == [
+    (out,) = det.handle(TokenOut([1, 2], [10, 11], [None, "length"]))
+    assert [(o.uid, o.text, o.token_ids, o.finished) for o in out.outs] == [
         (1, "", [10], None),
         (2, "", [11], "length"),
     ]
     assert det.inc.states == {}
+
+
+def test_one_undecodable_request_fails_alone(tok):
+    """An id the tokenizer cannot decode fails its own request with an ErrorOut (500); the other
+    requests of the same step still get their text in the step's one TextOuts."""
+    det = Detokenizer(tok)
+    good = tok.encode("Hi", add_special_tokens=False)[0]
+    out = det.handle(TokenOut([1, 2], [good, 10**12], [None, None]))
+    assert [type(m).__name__ for m in out] == ["TextOuts", "ErrorOut"]
+    assert [o.uid for o in out[0].outs] == [1] and out[1].uid == 2 and out[1].status == 500
+    assert det.handle(TokenOut([2], [good], [None])) == []  # its later tokens are dropped

@@ -1,4 +1,4 @@
-"""The wire codec's records (SamplingParams, Logprob) and check_prompt, without processes."""
+"""The wire codec's records (SamplingParams, Logprob, TextOut) and check_prompt, without processes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from minisgl.messages import (
     Logprob,
     PromptError,
     TextOut,
+    TextOuts,
     TokenizeReq,
     TokenOut,
     UserReq,
@@ -30,7 +31,8 @@ def test_round_trips() -> None:
     for msg in (TokenizeReq(1, "hi", None, FULL, True, True), UserReq(2, [1, 2], SamplingParams()),
                 TokenOut([1, 2], [3, 4], [None, "stop"],
                          [Logprob(-0.5, [3, 9], [-0.5, -1.0]), None], [0, 1], [3, 3]),
-                TextOut(1, "x", [3], None, [Logprob(-0.5, [3], [-0.5], "x", ["x"]), None], 0, 3)):  # fmt: skip
+                TextOuts([TextOut(1, "x", [3], None, [Logprob(-0.5, [3], [-0.5], "x", ["x"]), None], 0, 3),
+                          TextOut(2, "", [4], "stop", [None], 1, 5)])):  # fmt: skip
         assert decode(encode(msg)) == msg
     assert decode(encode(UserReq(2, [1], FULL))).params.logit_bias == {3: 1.5}
 
@@ -50,6 +52,16 @@ def test_bad_logprobs_rejected() -> None:
     for row in ([-0.5, [1], [-0.5], 3], [-0.5, ["1"], [-0.5]], "x", [-0.5]):
         with pytest.raises(BadFrame, match="TokenOut.logprobs"):
             decode(msgpack.packb([4, [1], [2], [None], [row]]))
+
+
+def test_bad_text_outs_rejected() -> None:
+    """One malformed TextOut record makes the whole step's frame a BadFrame, never a partly
+    decoded message."""
+    good = [1, "x", [3], None, [None], 0, 3]
+    for bad in ([1, "x", [3], None, [None], 0], [1, b"x", [3], None, [None], 0, 3],
+                [1, "x", ["3"], None, [None], 0, 3], "x"):  # fmt: skip
+        with pytest.raises(BadFrame, match="TextOuts.outs"):
+            decode(msgpack.packb([5, [good, bad]]))
 
 
 def test_check_prompt() -> None:

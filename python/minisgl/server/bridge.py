@@ -30,6 +30,7 @@ from minisgl.messages import (
     Ready,
     Stats,
     TextOut,
+    TextOuts,
     TokenizeReq,
 )
 
@@ -73,7 +74,7 @@ class Bridge(ipc.Handshake):
         self.ctx = zmq.asyncio.Context()  # receiving side, awaited in the event loop
         self.sctx = zmq.Context()  # sending side: PUSH with no HWM never blocks
         self.open(self.ctx, self.sctx)
-        inbox = ipc.Inbox(ipc.API, TextOut, ErrorOut, Stats, Heartbeat, FlushCache)
+        inbox = ipc.Inbox(ipc.API, TextOuts, ErrorOut, Stats, Heartbeat, FlushCache)
         ready = ipc.Inbox(ipc.LAUNCHER, Ready)
         self._tasks = [
             asyncio.create_task(ipc.aserve(self.pull, inbox, self._on_result)),
@@ -170,27 +171,31 @@ class Bridge(ipc.Handshake):
             ipc.send(self.sched_push, FlushCache())
         return await asyncio.wait_for(asyncio.shield(self._flush), timeout)
 
+    def _on_text(self, msg: TextOut, now: float) -> None:
+        h, m = self.reqs.get(msg.uid), self.metrics
+        if h is None:
+            return  # aborted or failed already
+        if h.num_tokens == 0:
+            m.ttft.observe(now - h.t_start)
+            m.prompt_tokens.inc(max(msg.prompt_len, 0))
+        else:
+            m.itl.observe((now - h.t_last) / max(len(msg.token_ids), 1))
+        h.t_last = now
+        h.num_tokens += len(msg.token_ids)
+        m.generation_tokens.inc(len(msg.token_ids))
+        if msg.finished is not None:
+            del self.reqs[msg.uid]
+            m.running.dec()
+            m.finished.labels(msg.finished).inc()
+            m.e2e.observe(now - h.t_start)
+        h.queue.put_nowait((h.index, msg))
+
     def _on_result(self, msg: Any) -> None:
         m = self.metrics
-        if isinstance(msg, TextOut):
-            h = self.reqs.get(msg.uid)
-            if h is None:
-                return  # aborted or failed already
+        if isinstance(msg, TextOuts):
             now = time.perf_counter()
-            if h.num_tokens == 0:
-                m.ttft.observe(now - h.t_start)
-                m.prompt_tokens.inc(max(msg.prompt_len, 0))
-            else:
-                m.itl.observe((now - h.t_last) / max(len(msg.token_ids), 1))
-            h.t_last = now
-            h.num_tokens += len(msg.token_ids)
-            m.generation_tokens.inc(len(msg.token_ids))
-            if msg.finished is not None:
-                del self.reqs[msg.uid]
-                m.running.dec()
-                m.finished.labels(msg.finished).inc()
-                m.e2e.observe(now - h.t_start)
-            h.queue.put_nowait((h.index, msg))
+            for out in msg.outs:
+                self._on_text(out, now)
         elif isinstance(msg, ErrorOut):
             h = self.reqs.pop(msg.uid, None)
             if h is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing.util  # noqa: F401  (its atexit hook must be registered before ours)
 import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +22,7 @@ import zmq
 from minisgl import ipc
 from minisgl.args import ServerArgs
 from minisgl.core import SamplingParams
-from minisgl.messages import AbortReq, ErrorOut, Ready, Shutdown, TextOut, TokenizeReq, decode
+from minisgl.messages import AbortReq, ErrorOut, Ready, Shutdown, TextOut, TextOuts, TokenizeReq, decode
 
 from .launcher import Workers
 
@@ -40,6 +41,7 @@ class WorkerClient(ipc.Handshake):
         super().__init__(self.args)
         self.ctx = zmq.Context()
         self.closed = False
+        self._texts: deque[TextOut] = deque()  # the rest of the last TextOuts
         atexit.register(self.close)  # before multiprocessing's hook, which joins the children
         try:
             self.open(self.ctx, self.ctx)
@@ -92,10 +94,17 @@ class WorkerClient(ipc.Handshake):
         self.worker_of.pop(uid, None)
 
     def recv(self) -> Any:
-        """The next message on `api` (TextOut / ErrorOut / Stats); raises if a worker died."""
+        """The next message on `api` (TextOut / ErrorOut / Stats; a TextOuts is handed out one
+        TextOut at a time); raises if a worker died."""
+        if self._texts:
+            return self._texts.popleft()
         while not self.pull.poll(POLL_MS):
             self.check_alive()
-        return decode(self.pull.recv())
+        msg = decode(self.pull.recv())
+        if isinstance(msg, TextOuts):
+            self._texts.extend(msg.outs)
+            return self._texts.popleft() if self._texts else self.recv()
+        return msg
 
     def results(self, uid: int) -> Iterator[TextOut | ErrorOut]:
         """The TextOut / ErrorOut messages of request `uid` until it finishes."""

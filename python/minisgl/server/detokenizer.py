@@ -28,6 +28,7 @@ from minisgl.messages import (
     Logprob,
     Stats,
     TextOut,
+    TextOuts,
     TokenOut,
 )
 
@@ -141,7 +142,8 @@ def load_tokenizer(args: Any) -> Any | None:
 
 
 class Detokenizer:
-    """Turns TokenOut batches into TextOut messages; forwards everything else unchanged."""
+    """Turns a TokenOut into one TextOuts (and an ErrorOut per request that cannot be
+    decoded); forwards everything else unchanged."""
 
     def __init__(self, tokenizer: Any | None, max_aborted: int = 65536) -> None:
         self.inc = IncrementalDetokenizer(tokenizer)
@@ -161,7 +163,7 @@ class Detokenizer:
             self.inc.drop(msg.uid)
         return [msg]
 
-    def handle_tokens(self, msg: TokenOut) -> list[TextOut | ErrorOut]:
+    def handle_tokens(self, msg: TokenOut) -> list[TextOuts | ErrorOut]:
         n = len(msg.uids)
         logprobs = msg.logprobs or [None] * n
         cached = msg.cached or [0] * n
@@ -189,16 +191,17 @@ class Detokenizer:
         except Exception:  # one undecodable id must fail its own request, not the worker
             # the states already hold the new ids: decode each request again on its own
             texts = [self._step_one((uid, [], done)) for uid, _, done in items]
-        out: list[TextOut | ErrorOut] = []
+        outs: list[TextOut] = []
+        errors: list[TextOuts | ErrorOut] = []
         for (uid, g), text in zip(order.items(), texts):
             if isinstance(text, Exception):
                 logger.error("request %d: cannot detokenize %s: %s", uid, g["ids"][-8:], text)
                 self.inc.drop(uid)
                 self.aborted[uid] = None  # its later tokens are dropped, not decoded again
-                out.append(ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500))
+                errors.append(ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500))
             else:
-                out.append(TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"]))  # fmt: skip
-        return out
+                outs.append(TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"]))  # fmt: skip
+        return ([TextOuts(outs)] if outs else []) + errors
 
     def _step_one(self, item: tuple[int, list[int], bool]) -> str | Exception:
         try:
