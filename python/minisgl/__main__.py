@@ -54,7 +54,7 @@ def _resolve_model(args: ServerArgs) -> ServerArgs:
     read the local snapshot; clients keep sending the id (the served model name)."""
     path = os.path.expanduser(args.model)
     if not (args.model.startswith((".", "/", "~")) or os.path.exists(path)):
-        from minisgl.models.weights import resolve_model_path
+        from minisgl.models.config import resolve_model_path
 
         try:
             path = resolve_model_path(args.model)

@@ -21,10 +21,9 @@ also sends its Heartbeat; `aserve` is the API server's (asyncio) loop.
 
 Readiness: every worker sends `Ready(name, info)` once to `launcher` when it can serve
 (`announce`). `Handshake`, the API role shared by the API server's Bridge and the
-WorkerClient, opens its sockets and collects them; scheduler rank 0's info (max_seq_len,
-vocab_size, kv_tokens, page_size, model_path) goes on to every tokenizer worker as
-`Ready("config", info)`, the limits they check prompts against. Scheduler ranks on other nodes
-announce to their own node's launcher, where nobody reads: rank 0 speaks for all.
+WorkerClient, opens its sockets and collects them, with the model's `Limits` that the launcher
+read at spawn and scheduler rank 0's info (kv_tokens, page_size, model_path). Scheduler ranks
+on other nodes announce to their own node's launcher, where nobody reads: rank 0 speaks for all.
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from typing import Any
 
 import zmq
 
-from .messages import HEARTBEAT_S, BadFrame, Heartbeat, Message, Ready, decode, encode
+from .messages import HEARTBEAT_S, BadFrame, Heartbeat, Limits, Message, Ready, decode, encode
 
 SCHEDULER, DETOKENIZER, API, LAUNCHER = "scheduler", "detokenizer", "api", "launcher"
 Sock = Any  # a zmq (or zmq.asyncio) socket
@@ -132,12 +131,12 @@ class Handshake:
     """The API role (API server or WorkerClient): its sockets, and the readiness of this node's
     workers (see the module docstring)."""
 
-    def __init__(self, args: Any) -> None:
-        self.zmq_dir, self.num_tokenizer = args.zmq_dir, args.num_tokenizer
+    def __init__(self, args: Any, limits: Limits) -> None:
+        self.zmq_dir, self.num_tokenizer, self.limits = args.zmq_dir, args.num_tokenizer, limits
         self.expected = {f"scheduler{r}" for r in args.local_ranks} | {DETOKENIZER}
         self.expected |= {tokenizer(i) for i in range(args.num_tokenizer)}
         self.ready: set[str] = set()
-        self.info: dict[str, Any] = {}  # from scheduler0: max_seq_len, vocab_size, ...
+        self.info: dict[str, Any] = {}  # from scheduler0: kv_tokens, page_size, model_path
         self.tokenizer_info: dict[str, Any] = {}  # has_tokenizer, has_chat_template
 
     def open(self, ctx: Any, sctx: Any) -> None:
@@ -154,9 +153,6 @@ class Handshake:
             return False
         if msg.name == "scheduler0":
             self.info = dict(msg.info)
-            config = encode(Ready("config", self.info))
-            for s in self.tok_push:  # tokenizers validate lengths/ids with these
-                s.send(config)
         elif msg.name.startswith("tokenizer-"):
             self.tokenizer_info = dict(msg.info)
         self.ready.add(msg.name)

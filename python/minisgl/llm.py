@@ -52,7 +52,7 @@ class LLM:
             self.scheduler.warmup()
 
     def _init_workers(self) -> None:
-        from .models.weights import resolve_model_path
+        from .models.config import resolve_model_path
         from .server.client import WorkerClient
 
         self.engine = self.scheduler = None  # type: ignore[assignment]

@@ -289,7 +289,9 @@ def _record(cls: type) -> Callable[[Any], Any]:
 
 
 _BY_TAG = {cls.TAG: (cls, *_fields(cls)) for cls in get_args(Message)}
-_RECORD_FIELDS = {cls: [f.name for f in dataclasses.fields(cls)] for cls in (SamplingParams, TextOut)}
+_RECORD_FIELDS = {
+    cls: [f.name for f in dataclasses.fields(cls)] for cls in (SamplingParams, TextOut)
+}
 
 
 def _pack(obj: Any) -> Any:

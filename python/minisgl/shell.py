@@ -169,7 +169,7 @@ def run_shell(args: ServerArgs) -> int:
         if not client.tokenizer_info.get("has_tokenizer", True):
             print("this model has no tokenizer: the shell needs one", file=sys.stderr)
             return 1
-        ctx = int(client.info["max_seq_len"])
+        ctx = client.limits.max_seq_len
         if args.max_tokens is not None and args.max_tokens >= ctx:
             print(f"error: --max-tokens {args.max_tokens} leaves no room for an input in the "
                   f"context of {ctx} tokens", file=sys.stderr)  # fmt: skip

@@ -19,7 +19,8 @@ from ..distributed import get_tp_info, init_distributed
 from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
 from ..models import ModelConfig, check_architecture, create_model
-from ..models.weights import init_dummy_weights, load_weights, resolve_model_path
+from ..models.config import resolve_model_path
+from ..models.weights import init_dummy_weights, load_weights
 from ..utils import h2d
 from .graph import GraphRunner
 from .sampler import Sampler, SamplingInfo, gather_logprobs
@@ -55,7 +56,7 @@ class Engine:
         self.cfg = ModelConfig.from_dir(self.model_path)
         check_architecture(self.cfg)
         self.dtype = self._resolve_dtype()
-        self.max_seq_len = args.max_seq_len or self.cfg.max_position_embeddings
+        self.max_seq_len = self.cfg.context_len(args.max_seq_len)
         self.page_size = args.page_size or (1 if self.device == "cpu" else 64)
         self.max_reqs = args.max_running_requests
 

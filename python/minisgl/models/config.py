@@ -1,4 +1,5 @@
-"""Model hyper-parameters read straight from a HF `config.json` (both config dialects; for
+"""Where a model is (`resolve_model_path`: a directory, or a Hugging Face snapshot) and its
+hyper-parameters, read straight from a HF `config.json` (both config dialects; for
 Mistral3ForConditionalGeneration, its language model's `text_config`)."""
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     mlp_only_layers: list[int] = field(default_factory=list)
     sliding_window: int | None = None  # attention window (Mistral), None = full attention
+
+    def context_len(self, max_seq_len: int | None) -> int:
+        """The longest sequence served: --max-seq-len, else the model's own context."""
+        return max_seq_len or self.max_position_embeddings
 
     def is_moe_layer(self, layer: int) -> bool:
         sparse = (layer + 1) % self.decoder_sparse_step == 0
@@ -113,6 +118,30 @@ class ModelConfig:
             mlp_only_layers=list(cfg.get("mlp_only_layers") or []),
             sliding_window=window,
         )
+
+
+def resolve_model_path(model: str) -> str:
+    """A model directory as given, or the local snapshot of a Hugging Face id (downloaded
+    when missing); ValueError with a one-line reason otherwise."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.startswith((".", "/", "~")):
+        raise ValueError(
+            f"model {model!r} is not a directory; give a model directory or a Hugging Face id"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+        )
+    except Exception as e:  # network errors, unknown repos, gated models
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        why = " ".join(str(e).split())  # one line: the hub's messages span several
+        if isinstance(e, LocalEntryNotFoundError):
+            why = "not in the local Hugging Face cache, and the hub cannot be reached"
+        raise ValueError(f"cannot find model {model!r}: {why}") from e
 
 
 def _as_list(x: Any) -> list[int]:

@@ -48,28 +48,6 @@ def checkpoint_target(name: str) -> tuple[str, tuple[int, ...]] | None:
     return name, args
 
 
-def resolve_model_path(model: str) -> str:
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model) or model.startswith((".", "/", "~")):
-        raise ValueError(
-            f"model {model!r} is not a directory; give a model directory or a Hugging Face id"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(
-            model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-        )
-    except Exception as e:  # network errors, unknown repos, gated models
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        why = " ".join(str(e).split())  # one line: the hub's messages span several
-        if isinstance(e, LocalEntryNotFoundError):
-            why = "not in the local Hugging Face cache, and the hub cannot be reached"
-        raise ValueError(f"cannot find model {model!r}: {why}") from e
-
-
 def safetensors_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):

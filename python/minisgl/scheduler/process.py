@@ -81,10 +81,8 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
     if engine.device == "cuda":
         sched.warmup()
     bcast = _Broadcaster() if args.tp > 1 else None
-    info = dict(
-        max_seq_len=engine.max_seq_len, vocab_size=engine.cfg.vocab_size,
-        kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size, model_path=engine.model_path,
-    )  # fmt: skip
+    info = dict(kv_tokens=engine.max_tokens_in_pool, page_size=engine.page_size,
+                model_path=engine.model_path)  # fmt: skip
     # linger 0: nobody reads it on nodes other than 0, and the rank must exit anyway
     _ready = ipc.announce(ctx, args.zmq_dir, f"scheduler{rank}", info, linger=0)
     log.info("scheduler rank %d ready", rank)

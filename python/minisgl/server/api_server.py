@@ -172,9 +172,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await bridge.stop()
 
 
-def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
+def create_app(args: ServerArgs, bridge: Bridge) -> Any:
     """The ASGI app: the routes inside Guard, inside CORS when --allowed-origins is set."""
-    bridge = bridge or Bridge(args, Metrics())
     app = FastAPI(title="minisgl", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   exception_handlers=HANDLERS)  # fmt: skip
     app.state.api = ApiState(args, bridge)
@@ -190,7 +189,7 @@ def create_app(args: ServerArgs, bridge: Bridge | None = None) -> Any:
 
 def _generation(api: ApiState, req: Any, prompts: list, stops: list[str], chat: bool) -> Generation:
     """Every choice of every prompt (choice-major), submitted by Generation.start."""
-    params = req.to_sampling_params(api.bridge.vocab_size, api.args.max_n)
+    params = req.to_sampling_params(api.bridge.limits.vocab_size, api.args.max_n)
     fill = req.token_limit is None  # no max_tokens: the tokenizer worker fits it to the context
     gen = Generation(api.bridge)
     for pi, prompt in enumerate(prompts):

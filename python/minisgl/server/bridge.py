@@ -27,6 +27,7 @@ from minisgl.messages import (
     ErrorOut,
     FlushCache,
     Heartbeat,
+    Limits,
     Ready,
     Stats,
     TextOut,
@@ -53,8 +54,8 @@ class ReqHandle:
 
 
 class Bridge(ipc.Handshake):
-    def __init__(self, args: ServerArgs, metrics: Metrics) -> None:
-        super().__init__(args)
+    def __init__(self, args: ServerArgs, metrics: Metrics, limits: Limits) -> None:
+        super().__init__(args, limits)
         self.args = args
         self.metrics = metrics
         self.reqs: dict[int, ReqHandle] = {}
@@ -90,14 +91,6 @@ class Bridge(ipc.Handshake):
     @property
     def is_ready(self) -> bool:
         return self.dead is None and self.expected <= self.ready
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.info.get("max_seq_len", 0))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.info.get("vocab_size", 0))
 
     def stalled(self) -> list[str]:
         now, beats = time.monotonic(), self.beats

@@ -22,7 +22,16 @@ import zmq
 from minisgl import ipc
 from minisgl.args import ServerArgs
 from minisgl.core import SamplingParams
-from minisgl.messages import AbortReq, ErrorOut, Ready, Shutdown, TextOut, TextOuts, TokenizeReq, decode
+from minisgl.messages import (
+    AbortReq,
+    ErrorOut,
+    Ready,
+    Shutdown,
+    TextOut,
+    TextOuts,
+    TokenizeReq,
+    decode,
+)
 
 from .launcher import Workers
 
@@ -38,7 +47,7 @@ class WorkerClient(ipc.Handshake):
     def __init__(self, args: ServerArgs) -> None:
         self.workers = Workers(args)
         self.args = self.workers.args
-        super().__init__(self.args)
+        super().__init__(self.args, self.workers.limits)
         self.ctx = zmq.Context()
         self.closed = False
         self._texts: deque[TextOut] = deque()  # the rest of the last TextOuts

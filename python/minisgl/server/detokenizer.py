@@ -130,12 +130,12 @@ class IncrementalDetokenizer:
 
 
 def load_tokenizer(args: Any) -> Any | None:
-    """The model's tokenizer (with --chat-template applied), or None when the directory has
-    none (dummy-weight directories): then ids still flow and texts are empty."""
-    from minisgl.models.weights import resolve_model_path
+    """The tokenizer of the model directory `args.model` (the launcher resolved a hub id before
+    spawning the workers), with --chat-template applied; None when the directory has none
+    (dummy-weight directories): then ids still flow and texts are empty."""
     from minisgl.tokenizer import load_tokenizer as load
 
-    tok = load(resolve_model_path(args.model), args.chat_template)
+    tok = load(args.model, args.chat_template)
     if tok is None:
         logger.warning("no tokenizer in %s: outputs carry token ids only", args.model)
     return tok
@@ -198,7 +198,9 @@ class Detokenizer:
                 logger.error("request %d: cannot detokenize %s: %s", uid, g["ids"][-8:], text)
                 self.inc.drop(uid)
                 self.aborted[uid] = None  # its later tokens are dropped, not decoded again
-                errors.append(ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500))
+                errors.append(
+                    ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500)
+                )
             else:
                 outs.append(TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"]))  # fmt: skip
         return ([TextOuts(outs)] if outs else []) + errors

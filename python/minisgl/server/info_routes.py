@@ -55,9 +55,7 @@ async def metrics_route(api: Api) -> Response:
 
 def _card(api: ApiState) -> dict[str, Any]:
     c = {"id": api.name, "object": "model", "created": api.started, "owned_by": "minisgl"}
-    if api.bridge.max_seq_len:
-        c["max_model_len"] = api.bridge.max_seq_len
-    return c
+    return {**c, "max_model_len": api.bridge.limits.max_seq_len}
 
 
 @router.get("/v1/models")
@@ -81,8 +79,7 @@ async def _worker(request: Request, api: ApiState, cls: type) -> tuple[Any, Toke
             from .detokenizer import load_tokenizer
 
             tok = await asyncio.to_thread(load_tokenizer, api.args)
-            api.tokenizer = TokenizerWorker(tok)
-            api.tokenizer.configure(api.bridge.info)
+            api.tokenizer = TokenizerWorker(tok, api.bridge.limits)
     if api.tokenizer.tok is None:
         raise ApiError(400, "this model has no tokenizer")
     return req, api.tokenizer
@@ -97,7 +94,7 @@ async def tokenize(request: Request, api: Api) -> JSONResponse:
         ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
     except Reject as e:
         raise ApiError(400, str(e)) from None
-    out = {"count": len(ids), "max_model_len": api.bridge.max_seq_len, "tokens": ids}
+    out = {"count": len(ids), "max_model_len": api.bridge.limits.max_seq_len, "tokens": ids}
     if req.return_token_strs:
         out["token_strs"] = w.tok.convert_ids_to_tokens(ids)
     return JSONResponse(out)

@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 from minisgl.args import ServerArgs
-from minisgl.messages import Shutdown
+from minisgl.messages import Limits, Shutdown
 
 logger = logging.getLogger("minisgl.server")
 
@@ -46,7 +46,7 @@ def _set_process_name(name: str) -> None:
         pass
 
 
-def _child_main(kind: str, args: ServerArgs, index: int) -> None:
+def _child_main(kind: str, args: ServerArgs, index: int, limits: Limits) -> None:
     """Entry of every child process."""
     from minisgl.utils import die_with_parent, exit_on_sigterm, setup_logging
 
@@ -69,20 +69,28 @@ def _child_main(kind: str, args: ServerArgs, index: int) -> None:
     else:
         from .tokenizer import run_tokenizer
 
-        run_tokenizer(args, index)
+        run_tokenizer(args, index, limits)
 
 
 class Workers:
-    """The child processes and their socket directory."""
+    """The child processes and their socket directory. The model is resolved here, once: the
+    workers get its directory (a hub id's snapshot) and the tokenizers the `Limits` prompts are
+    checked against, read from its config.json, at spawn."""
 
     def __init__(self, args: ServerArgs) -> None:
+        from minisgl.models.config import ModelConfig, resolve_model_path
+
+        model = resolve_model_path(args.model)
+        cfg = ModelConfig.from_dir(model)
+        self.limits = Limits(cfg.context_len(args.max_seq_len), cfg.vocab_size)
         self.dir = tempfile.mkdtemp(prefix="minisgl-")
         dist_port = args.dist_port
         if args.tp > 1 and args.nnodes == 1 and not dist_port:  # rendezvous of the TP ranks
             with socket.socket() as sock:
                 sock.bind(("127.0.0.1", 0))
                 dist_port = sock.getsockname()[1]
-        self.args = args.replace(zmq_dir=self.dir, dist_port=dist_port)
+        self.args = args.replace(zmq_dir=self.dir, dist_port=dist_port, model=model,
+                                 served_model_name=args.model_name)  # fmt: skip
         self.procs: dict[str, Any] = {}
         self.stopping = False
 
@@ -137,7 +145,9 @@ class Workers:
             jobs += [(f"tokenizer-{i}", "tokenizer", i) for i in range(self.args.num_tokenizer)]
         for name, kind, index in jobs:
             p = ctx.Process(
-                target=_child_main, args=(kind, self.args, index), name=f"minisgl-{name}"
+                target=_child_main,
+                args=(kind, self.args, index, self.limits),
+                name=f"minisgl-{name}",
             )
             env = self.child_env(kind)
             os.environ.update(env)
@@ -202,7 +212,7 @@ def run_server(args: ServerArgs) -> int:
     setup_logging(args.log_level, "server")
     workers = Workers(args)
     args = workers.args
-    bridge = Bridge(args, Metrics())
+    bridge = Bridge(args, Metrics(), workers.limits)
     app = create_app(args, bridge)
     state = {"status": 0, "signal": None}
 
@@ -244,10 +254,9 @@ def run_server(args: ServerArgs) -> int:
         if not server.started:  # the workers were faster than the socket bind
             bridge.loop.call_later(0.05, announce)
             return
-        info = bridge.info
         logger.info(
-            "ready: serving %r at http://%s:%d (context %s tokens, %d tokenizer worker(s), tp %d)",
-            args.model_name, args.host, args.port, info.get("max_seq_len"), args.num_tokenizer, args.tp,
+            "ready: serving %r at http://%s:%d (context %d tokens, %d tokenizer worker(s), tp %d)",
+            args.model_name, args.host, args.port, workers.limits.max_seq_len, args.num_tokenizer, args.tp,
         )  # fmt: skip
 
     bridge.on_ready.append(announce)

@@ -37,7 +37,7 @@ async def _server_info(api: Api) -> dict:
     return {
         **own, "model_path": args.model, "tokenizer_path": args.model,
         "served_model_name": args.model_name, "tp_size": args.tp, "dp_size": 1,
-        "context_length": bridge.max_seq_len, "max_total_tokens": bridge.info["kv_tokens"],
+        "context_length": bridge.limits.max_seq_len, "max_total_tokens": bridge.info["kv_tokens"],
         "max_prefill_tokens": args.max_prefill_length, "page_size": bridge.info["page_size"],
         "version": f"minisgl {__version__}",
     }  # fmt: skip

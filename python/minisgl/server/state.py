@@ -69,7 +69,7 @@ class ApiState:
             raise ApiError(400, f"model {model!r} is not served here; use {self.name!r}", "model")
 
     def check_ids(self, ids: list[int], what: str) -> None:
-        check_ids(ids, what, self.bridge.vocab_size)
+        check_ids(ids, what, self.bridge.limits.vocab_size)
 
     async def accept(self, model: type[BaseModel], request: Request) -> Any:
         """A generation route's body, parsed, once the server is ready and the model its own."""

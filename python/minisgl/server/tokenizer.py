@@ -2,8 +2,8 @@
 
 It renders chat templates, tokenizes, and rejects what the scheduler must never see: token ids
 outside the vocabulary and prompt + max_tokens beyond the context (ErrorOut 400 to the API).
-The context length and vocabulary size come from the scheduler's Ready message, which the API
-server forwards to every tokenizer worker as `Ready("config", info)` (ipc.Handshake).
+The context length and vocabulary size (`Limits`) are read from the model's config.json by the
+launcher and handed to every worker at spawn.
 
 A chat template is a program (the operator's `--chat-template` may loop forever): rendering runs
 under a SIGALRM timer, so after RENDER_TIMEOUT_S the request fails and the worker lives on.
@@ -21,7 +21,6 @@ from minisgl.messages import (
     AbortReq,
     ErrorOut,
     Limits,
-    Ready,
     TokenizeReq,
     UserReq,
     check_prompt,
@@ -37,16 +36,9 @@ NO_TEMPLATE = (
 
 
 class TokenizerWorker:
-    def __init__(self, tokenizer: Any | None) -> None:
-        self.tok = tokenizer
-        self.max_seq_len = 0
-        self.vocab_size = 0
-        self.max_chars = 0
+    def __init__(self, tokenizer: Any | None, limits: Limits) -> None:
+        self.tok, self.limits = tokenizer, limits
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
-
-    def configure(self, info: dict[str, Any]) -> None:
-        self.limits = Limits(int(info["max_seq_len"]), int(info["vocab_size"]))
-        self.max_seq_len, self.vocab_size = self.limits.max_seq_len, self.limits.vocab_size
         # a prompt longer than this many characters cannot fit: skip tokenizing huge texts
         longest = 16
         if self.tok is not None:
@@ -54,7 +46,7 @@ class TokenizerWorker:
                 longest = max(len(p) for p in self.tok.get_vocab()) + 1
             except Exception:
                 longest = 256
-        self.max_chars = self.max_seq_len * max(longest, 16)
+        self.max_chars = limits.max_seq_len * max(longest, 16)
 
     def handle(self, req: TokenizeReq) -> UserReq | ErrorOut:
         try:
@@ -115,7 +107,7 @@ class TokenizerWorker:
         if len(text) > self.max_chars:
             raise _Reject(
                 f"the prompt ({len(text)} characters) is longer than the model's context of "
-                f"{self.max_seq_len} tokens"
+                f"{self.limits.max_seq_len} tokens"
             )
         return list(self.tok.encode(text, add_special_tokens=add_special))
 
@@ -130,7 +122,7 @@ def _render_timeout(*_: Any) -> None:
     raise _Reject(f"the chat template did not finish rendering in {RENDER_TIMEOUT_S:g} s", 500)
 
 
-def run_tokenizer(args: Any, index: int) -> None:
+def run_tokenizer(args: Any, index: int, limits: Limits) -> None:
     """Process entry: PULL at tokenizer-{index}; PUSH to the scheduler and the API (ipc.py)."""
     import zmq
 
@@ -139,7 +131,7 @@ def run_tokenizer(args: Any, index: int) -> None:
     from .detokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args)  # --chat-template is applied to tokenizer.chat_template
-    worker = TokenizerWorker(tokenizer)
+    worker = TokenizerWorker(tokenizer, limits)
     d, ctx, name = args.zmq_dir, zmq.Context(), ipc.tokenizer(index)
     pull = ipc.pull(ctx, d, name)
     sched, api = ipc.push(ctx, d, ipc.SCHEDULER), ipc.push(ctx, d, ipc.API)
@@ -152,7 +144,5 @@ def run_tokenizer(args: Any, index: int) -> None:
             ipc.send(sched if isinstance(out, UserReq) else api, out)
         elif isinstance(msg, AbortReq):
             ipc.send(sched, msg)  # same pipe as the request: never overtakes it
-        elif msg.name == "config" and not worker.vocab_size:  # Ready: once, from the API
-            worker.configure(msg.info)
 
-    ipc.Inbox(name, TokenizeReq, AbortReq, Ready).serve(pull, handle, api)
+    ipc.Inbox(name, TokenizeReq, AbortReq).serve(pull, handle, api)
