@@ -102,6 +102,12 @@ def merged(events: list) -> dict:
 
 # ---- fields real clients send -------------------------------------------------------------------
 def test_accepted_and_rejected_fields(client):
+    """A chat request with the fields real clients send (store, metadata, service_tier, user,
+    SGLang's extras at their defaults, penalties, min_p, min_tokens, logit_bias) is served;
+    unsupported values, out-of-range sampling values, fields missing what they depend on
+    (top_logprobs without logprobs, stream_options without stream, tool_choice without tools), an
+    unknown tool, a bad schema or regex and two guided constraints at once each get an OpenAI-shaped
+    400 naming the field."""
     ok = dict(store=False, metadata={"k": "v"}, service_tier="auto", parallel_tool_calls=True,
               user="u", no_stop_trim=False, skip_special_tokens=True, return_hidden_states=False,
               presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.05,
@@ -142,6 +148,10 @@ def test_accepted_and_rejected_fields(client):
 
 # ---- routes and headers -------------------------------------------------------------------------
 def test_models_tokenize_detokenize(client, tok):
+    """/v1/models lists the served name (and /v1/models/<name> the same entry, another name 404);
+    /tokenize returns the tokenizer's ids, count, token strings and max_model_len 1024, special
+    tokens included, /detokenize gives the text back, and /tokenize of messages renders the chat
+    template with chat_template_kwargs; an id outside the vocabulary or an empty body is a 400."""
     m = client.get("/v1/models").json()["data"][0]
     assert m["id"] == "qwen-tiny" and abs(m["created"] - time.time()) < 3600
     assert client.get("/v1/models/qwen-tiny").json() == m
@@ -163,6 +173,9 @@ def test_models_tokenize_detokenize(client, tok):
 
 
 def test_request_id_cors_fingerprint(client):
+    """An X-Request-Id is echoed back (a 32-hex id is made up otherwise); the allowed origin gets
+    the CORS header on responses and preflights, another origin none; system_fingerprint looks like
+    fp_ + 10 hex digits and is the same in every chunk of a stream."""
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2},
                     headers={"X-Request-Id": "req-42", "Origin": ORIGIN})  # fmt: skip
     assert r.headers["x-request-id"] == "req-42"
@@ -181,6 +194,8 @@ def test_request_id_cors_fingerprint(client):
 
 
 def test_continuous_usage_stats(client):
+    """With continuous_usage_stats every chunk of a stream carries usage: completion_tokens never
+    decrease and reach 6, the final usage chunk's count, and prompt_tokens are the final chunk's."""
     events = stream(client, max_tokens=6,
                     stream_options={"include_usage": True, "continuous_usage_stats": True})  # fmt: skip
     chunks, last = events[:-2], events[-2]
@@ -191,6 +206,10 @@ def test_continuous_usage_stats(client):
 
 # ---- logprobs and finish accounting ----------------------------------------------------------
 def test_logprobs_follow_the_text(client, tok):
+    """Each token's top_logprobs holds the sampled token and at most logprobs + 1 entries; when EOS
+    ends a completion after 3 tokens it has no logprob entry, the 3 entries join to the text and the
+    stream gives the same ones; at a stop string the entries cover the returned text but not the
+    stop string."""
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     body = dict(prompt="Once", max_tokens=6, temperature=0)
     for k in (0, 2):
@@ -219,6 +238,9 @@ def test_logprobs_follow_the_text(client, tok):
 
 
 def test_metrics_count_stop_strings_as_stop(client):
+    """A completion ended by a stop string finishes with "stop" and adds one to
+    minisgl_request_finished_total{reason="stop"}."""
+
     def stops() -> float:
         m = re.search(r'minisgl_request_finished_total\{reason="stop"\} ([0-9.]+)',
                       client.get("/metrics").text)  # fmt: skip
@@ -234,6 +256,8 @@ def test_metrics_count_stop_strings_as_stop(client):
 
 # ---- structured outputs -------------------------------------------------------------------------
 def test_structured_outputs_openai_parse(server):
+    """The openai client's beta parse with a pydantic response_format gets, for three seeds at
+    temperature 1, content that validates as that model and equals the parsed object."""
     import openai
     from pydantic import BaseModel
 
@@ -252,6 +276,10 @@ def test_structured_outputs_openai_parse(server):
 
 
 def test_structured_outputs_kinds(client, tok):
+    """json_object (with "{" and "}" pushed) gives "{}" and stops; guided_choice always gives one of
+    the choices, guided_regex text that fully matches, and a json_schema on /v1/completions a JSON
+    object with exactly its one key, the same text when streamed; SGLang's regex in /generate's
+    sampling_params is a 400."""
     close = tok.encode("}")[0]
     # json_object: "{" and "}" are pushed hard, and the grammar allows "{}" only, then EOS
     bias = {str(tok.encode("{")[0]): 50, str(close): 50}
@@ -279,6 +307,10 @@ def test_structured_outputs_kinds(client, tok):
 
 # ---- tools --------------------------------------------------------------------------------------
 def test_tool_choice_named_required_none(client):
+    """A named tool_choice gives one call of that tool (a call_ id, arguments with an allowed city,
+    content null, finish "stop"), with the same arguments streamed; "required" without parallel
+    calls gives exactly one call and finish "tool_calls"; with "none" a <tool_call> the model writes
+    stays in the content."""
     named = {"type": "function", "function": {"name": "get_weather"}}
     c = chat(client, max_tokens=40, tools=TOOLS, tool_choice=named)["choices"][0]
     call = c["message"]["tool_calls"][0]
@@ -296,6 +328,10 @@ def test_tool_choice_named_required_none(client):
 
 
 def test_tool_calls_auto_hermes(client):
+    """With tools given, text then two Hermes <tool_call> blocks come back as content "Let me
+    check." and two tool calls (Oslo, Paris) with finish "tool_calls", streamed the same; with
+    parallel_tool_calls false only one call is kept; a history holding the calls and a tool result
+    renders through the chat template and can be continued."""
     regex = f"Let me check\\. {CALL}\\n{CALL.replace('Oslo', 'Paris')}"
     body = dict(max_tokens=200, tools=TOOLS, guided_regex=regex)
     msg = chat(client, **body)["choices"][0]
@@ -320,6 +356,8 @@ def test_tool_calls_auto_hermes(client):
 
 # ---- reasoning ----------------------------------------------------------------------------------
 def test_reasoning_content(client):
+    """With the qwen3 reasoning parser a <think> block comes back as reasoning_content and the rest
+    as content, the same when streamed; a reply without one has no reasoning_content."""
     body = dict(
         max_tokens=120,
         temperature=0,
@@ -337,6 +375,8 @@ def test_reasoning_content(client):
 
 # ---- LangChain ----------------------------------------------------------------------------------
 def test_langchain_chat_openai(server):
+    """LangChain's ChatOpenAI streams a reply in more than one non-empty chunk, and with a forced
+    tool gets a get_weather call with an allowed city, invoked and streamed."""
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI
 

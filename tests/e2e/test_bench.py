@@ -44,6 +44,8 @@ offline = load("offline/bench.py")
 
 
 def test_standard_workload_totals() -> None:
+    """The standard offline workload (256 requests, seed 0) has 133,966 output tokens and 142,827
+    prompt tokens, every id within [0, 10000]."""
     prompts, outs = offline.make_workload(256, 100, 1024, 100, 1024, 0, 10000)
     assert sum(outs) == offline.STANDARD_OUTPUT_TOKENS == 133_966
     assert sum(map(len, prompts)) == 142_827
@@ -51,6 +53,11 @@ def test_standard_workload_totals() -> None:
 
 
 def test_generate_deterministic_and_well_formed(tmp_path: Path) -> None:
+    """trace.generate gives the same trace for a seed and another for another seed, timestamps
+    sorted at about the asked rate (within 25%), every row with exactly the trace's keys and one
+    hash id per 16-token block; a follow-up is the next turn of an earlier parent, starts with its
+    hash ids and is longer than its input plus output; save then load with n and scale gives the
+    first 50 rows, timestamps rebased and scaled."""
     a = trace.generate(300, rate=5.0, seed=1)
     assert a == trace.generate(300, rate=5.0, seed=1)
     assert a != trace.generate(300, rate=5.0, seed=2)
@@ -90,6 +97,8 @@ def test_generate_deterministic_and_well_formed(tmp_path: Path) -> None:
 
 
 def test_uniform_lengths_and_cli(tmp_path: Path) -> None:
+    """trace.py's generate command with uniform length distributions writes 40 rows whose input and
+    output lengths lie within the given bounds."""
     out = tmp_path / "u.jsonl"
     argv = [
         "generate",
@@ -123,6 +132,10 @@ def test_uniform_lengths_and_cli(tmp_path: Path) -> None:
 
 
 def test_build_prompt_shares_prefixes() -> None:
+    """build_prompt gives a prompt of the asked length inside the vocabulary; prompts share the
+    blocks of their common leading hash ids and differ after them, a shorter one being a prefix; too
+    few ids still fill the length; in a generated trace a parent's whole prompt is a prefix of its
+    follow-up's."""
     a = trace.build_prompt([7, 8, 9], 40, 500)
     b = trace.build_prompt([7, 8, 10, 11], 60, 500)
     assert len(a) == 40 and len(b) == 60 and all(0 <= t < 500 for t in a + b)
@@ -139,6 +152,9 @@ def test_build_prompt_shares_prefixes() -> None:
 
 
 def test_percentile_matches_linear_interpolation() -> None:
+    """percentile interpolates linearly between ranks (50.5, 90.1 and 99.01 for 1..100), takes
+    unsorted input and a single value, and is NaN for no values; poisson_times at an infinite rate
+    are all 0."""
     xs = [float(x) for x in range(1, 101)]
     assert serving.percentile(xs, 50) == pytest.approx(50.5)
     assert serving.percentile(xs, 90) == pytest.approx(90.1)
@@ -210,6 +226,10 @@ def check_report(report: dict[str, Any], n: int, requested: list[int] | None = N
 
 
 def test_bench_serving_against_fake_server(tmp_path: Path) -> None:
+    """Against a fake streaming server, bench_serving (25 trace requests) and bench_simple (6)
+    report every request completed with its requested output tokens, ordered percentiles, TTFT <=
+    E2E, one inter-token latency per chunk after the first and throughput = tokens / duration; a
+    request answered with HTTP 400 is counted as failed with its error, not raised."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -273,6 +293,8 @@ def test_bench_serving_against_fake_server(tmp_path: Path) -> None:
 
 
 def test_plot_two_results(tmp_path: Path) -> None:
+    """plot.py writes a PNG of two labelled online series over three rates, and an offline plot of
+    two result files (one with a log line before its JSON) under the given labels."""
     plot = load("plot.py")
     files = []
     for label, scale in (("radix", 1.0), ("naive", 1.5)):
@@ -298,6 +320,9 @@ def test_plot_two_results(tmp_path: Path) -> None:
 
 
 def test_offline_bench_smoke_cpu(small_llama_dir: str) -> None:
+    """The offline benchmark on CPU with 2 repeats reports, for each run, the workload's total
+    output tokens and tok_s = tokens / seconds, a median between the runs' lowest and highest, and
+    device "cpu"."""
     cmd = [
         PY,
         str(BENCH / "offline/bench.py"),
@@ -344,6 +369,9 @@ def free_port() -> int:
 
 
 def test_bench_serving_against_cpu_server(tmp_path: Path, small_llama_dir: str) -> None:
+    """bench_serving against a live CPU minisgl server on a generated 20-request trace with
+    follow-ups completes every request with its requested output tokens, and its input token total
+    is the trace's."""
     import httpx
 
     port = free_port()

@@ -26,6 +26,7 @@ def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def test_help_documents_every_flag() -> None:
+    """--help names the flag of every ServerArgs field."""
     out = _run("--help").stdout
     for f in dataclasses.fields(ServerArgs):
         if f.repr:
@@ -44,6 +45,9 @@ def test_help_documents_every_flag() -> None:
     ],
 )
 def test_bad_arguments_fail_with_one_line(argv: list[str], message: str) -> None:
+    """A bad value (port, cache, memory ratio, a non-integer --tp), a path that is not a model
+    directory or a missing --model exits with status 2 and one stderr line naming the problem, no
+    traceback."""
     r = _run(*argv)
     assert r.returncode == 2
     assert message in r.stderr
@@ -51,6 +55,9 @@ def test_bad_arguments_fail_with_one_line(argv: list[str], message: str) -> None
 
 
 def test_help_groups_defaults_env_vars_and_version() -> None:
+    """--help shows --model as required, groups the flags under model, engine, HTTP server and
+    shell, gives each default at most once and never an empty or None one, and lists every MINISGL_*
+    variable the package reads; --version prints "minisgl 0.1.0"."""
     r = _run("--help")
     assert r.returncode == 0
     out = r.stdout
@@ -92,6 +99,9 @@ def test_help_does_not_import_torch() -> None:
 
 @pytest.mark.parametrize("model", ["Qwen/Qwen3-0.6B", "no-such-org/no-such-model"])
 def test_unavailable_hub_model_is_one_line_before_any_worker(model: str, tmp_path: Path) -> None:
+    """A hub id that is not in the local cache while the hub is offline exits with status 2, with or
+    without --shell, printing nothing on stdout (no worker started) and one stderr line saying the
+    model cannot be found."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))  # an empty cache
     for flags in ([], ["--shell"]):
         r = _run("--model", model, "--device", "cpu", *flags, env=env)
@@ -125,6 +135,8 @@ def test_hub_id_resolved_once_and_served_under_its_name(small_llama_dir: str, tm
 
 
 def test_shell_without_tokenizer_fails_at_start(qwen3_06b_config_dir: str) -> None:
+    """--shell on a model without a tokenizer exits with status 2 and one stderr line saying --shell
+    needs a tokenizer."""
     r = _run("--model", qwen3_06b_config_dir, "--shell", "--dummy-weight", "--device", "cpu")
     assert r.returncode == 2 and "--shell needs a tokenizer" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

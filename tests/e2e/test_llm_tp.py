@@ -71,6 +71,8 @@ def llm_tp2(model_dir: str):
 
 
 def test_tp2_matches_tp1(model_dir: str, llm_tp2: LLM) -> None:
+    """LLM with tp=2 gives the same greedy outputs (token ids and text) as tp=1 for token-id and
+    text prompts, 16 tokens each."""
     prompts = TOKEN_PROMPTS + TEXT_PROMPTS
     ref_llm = LLM(model_dir, device="cpu", dtype="float32", tp=1)
     ref = ref_llm.generate(prompts, GREEDY, use_tqdm=False)
@@ -82,6 +84,8 @@ def test_tp2_matches_tp1(model_dir: str, llm_tp2: LLM) -> None:
 
 
 def test_tp2_errors(llm_tp2: LLM) -> None:
+    """At tp=2 a batch with a request over the context raises a ValueError and prefill_logits raises
+    one saying it needs tp=1; the LLM still serves the next batch."""
     with pytest.raises(ValueError, match="maximum context length"):
         llm_tp2.generate([TOKEN_PROMPTS[0], [1] * 10], SamplingParams(max_tokens=100_000))
     with pytest.raises(ValueError, match="needs tp=1"):
@@ -92,6 +96,9 @@ def test_tp2_errors(llm_tp2: LLM) -> None:
 
 
 def test_shutdown_leaves_no_process(llm_tp2: LLM) -> None:
+    """A tp=2 LLM runs 4 worker processes (2 scheduler ranks, detokenizer, tokenizer) under this
+    one; shutdown, which can be called twice, leaves no child process but the resource tracker, and
+    a later generate raises a RuntimeError saying it was shut down."""
     workers = set(llm_tp2.client.workers.pids().values())
     assert len(workers) == 4  # 2 scheduler ranks, detokenizer, tokenizer
     assert workers <= descendants(os.getpid())

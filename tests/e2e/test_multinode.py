@@ -99,6 +99,9 @@ def _generate(url: str, ids: list[int]) -> list[int]:
 
 
 def test_two_nodes_greedy_equals_tp1_and_stop_cleanly(nodes):
+    """Two nodes serving tp=2 give the same greedy output ids as a tp=1 server, /server_info reports
+    tp_size 2 over 2 nodes and node 1 runs only its scheduler rank; SIGTERM to node 0 stops both
+    nodes with status 0, node 1 logging that node 0 shut the group down, and leaves no process."""
     tp1, n0, n1 = nodes["tp1"], nodes["A0"], nodes["A1"]
     for ids in PROMPTS:
         want = _generate(tp1.url, ids)
@@ -117,6 +120,8 @@ def test_two_nodes_greedy_equals_tp1_and_stop_cleanly(nodes):
 
 
 def test_a_dead_node_brings_the_other_down(nodes):
+    """After a request matching tp=1's, killing node 1's launcher brings node 0 down within 15 s
+    with status 1, its log saying rank 0 lost the TP group; neither node leaves a process."""
     n0, n1 = nodes["B0"], nodes["B1"]
     assert _generate(n0.url, PROMPTS[0]) == _generate(nodes["tp1"].url, PROMPTS[0])
     n1.proc.kill()  # node 1's launcher; PR_SET_PDEATHSIG takes its rank with it
@@ -148,6 +153,8 @@ def test_a_dead_node_brings_the_other_down(nodes):
     ],
 )
 def test_bad_node_flags_fail_at_start(flags, message):
+    """--nnodes 2 without --dist-init-addr, a --tp that is not a multiple of --nnodes, or a
+    --node-rank outside [0, --nnodes) exits with status 2 and a message saying so, no traceback."""
     cmd = [sys.executable, "-m", "minisgl", "--model", "unused", "--device", "cpu", *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO, env=ENV)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -139,6 +139,10 @@ def reference(cluster) -> dict[tuple[str, str], str]:
 
 
 def test_router_registers_workers_from_their_info_routes(cluster):
+    """The router lists the served model, registers both replicas as healthy qwen3 workers with load
+    0, relays /get_model_info and fans /flush_cache out to both; a replica refuses a flush with a
+    400 while a request runs and frees the cached tokens once idle, rejects no_stop_trim=true, and a
+    sampling_seed forwarded on /generate gives the same text every time."""
     router, (a, b) = cluster["routers"]["round_robin"], cluster["replicas"]
     assert [m["id"] for m in httpx.get(router + "/v1/models").json()["data"]] == [NAME]
     workers = httpx.get(router + "/workers").json()["workers"]
@@ -203,6 +207,10 @@ def test_cache_aware_sends_a_shared_prefix_to_one_replica(cluster):
 
 
 def test_200_requests_then_a_replica_dies(cluster, reference):
+    """200 greedy requests through the round-robin router (completions, chat and /generate) all
+    equal the same request sent straight to a replica, and both replicas serve; after one replica is
+    SIGKILLed mid-load, every request started after the kill gets the right text, at most 8 in
+    flight fail, the replica leaves no process and the router marks it unhealthy."""
     router, replicas = cluster["routers"]["round_robin"], cluster["replicas"]
     before = [_metric(u, "minisgl_prompt_tokens_total") for u in replicas]
     results: list[tuple[float, tuple[str, str], str | None]] = []

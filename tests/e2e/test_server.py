@@ -173,6 +173,8 @@ def stream_completion(client, path: str = "/v1/completions", **body) -> list:
 
 # ---- 1. greedy completions equal LLM.generate ---------------------------------------------------
 def test_models_and_health(server, client):
+    """/health answers 503 while the workers load, then {"status": "ok"}; /v1/models lists the model
+    with max_model_len 512; the log has the one "ready: serving" line and no uvicorn banner."""
     assert server.seen_503  # /health answered 503 while the workers were loading
     assert client.get("/health").json() == {"status": "ok"}
     models = client.get("/v1/models").json()
@@ -185,6 +187,9 @@ def test_models_and_health(server, client):
 
 
 def test_completions_greedy_matches_llm(client, llm):
+    """Greedy completions give LLM.generate's text for a prompt, a list of prompts, token-id prompts
+    and a list of them, and /generate by text or input_ids does too; usage has the prompt's token
+    count, total_tokens = prompt + completion, and a cached_tokens field."""
     prompts = [PROMPT, "The little dog", "Lily and Ben went to the park."]
     expected = greedy(llm, prompts, 24)
     for p, e in zip(prompts, expected):
@@ -226,6 +231,7 @@ def test_completions_greedy_matches_llm(client, llm):
 
 
 def test_prefix_cache_reported(client):
+    """A prompt sent a second time reports cached_tokens > 0 in its usage."""
     body = dict(prompt="Tom had a big red ball. " * 4, max_tokens=2, temperature=0)
     complete(client, **body)
     u = complete(client, **body)["usage"]
@@ -234,6 +240,10 @@ def test_prefix_cache_reported(client):
 
 # ---- 2. streaming ---------------------------------------------------------------------------------
 def test_stream_matches_non_stream(client):
+    """A streamed completion (text/event-stream, ending [DONE]) joins to the non-streamed text, only
+    its last chunk carrying the same finish_reason; include_usage adds one usage chunk with no
+    choices (the others have usage null), none without it; /generate streams cumulative text ending
+    at the same text."""
     body = dict(prompt="The sun was shining", max_tokens=40, temperature=0)
     full = complete(client, **body)["choices"][0]
     events = stream_completion(client, **body, stream_options={"include_usage": True})
@@ -255,6 +265,9 @@ def test_stream_matches_non_stream(client):
 
 # ---- 3. chat ------------------------------------------------------------------------------------
 def test_chat_openai_client(server, llm):
+    """Through the openai client, a chat completion equals greedy LLM.generate on the
+    template-rendered prompt (starting with BOS), with role "assistant" and its prompt_tokens; the
+    stream gives the same text, usage and a finish reason; an unknown model is a BadRequestError."""
     import openai
 
     cl = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
@@ -294,6 +307,8 @@ def test_chat_openai_client(server, llm):
 
 # ---- 4. n / seed, stop strings, logprobs ---------------------------------------------------------
 def test_n_with_seed_reproducible(client):
+    """n=3 with a seed gives choices indexed 0 to 2, not all alike, the same texts again for the
+    same seed and others for another seed; streamed, each choice's deltas rebuild its text."""
     body = dict(prompt=PROMPT, max_tokens=24, temperature=1.0, n=3, seed=1234)
     a, b = complete(client, **body), complete(client, **body)
     ta = [c["text"] for c in a["choices"]]
@@ -312,6 +327,9 @@ def test_n_with_seed_reproducible(client):
 
 
 def test_stop_strings(client, llm):
+    """A stop string taken from the greedy text ends the completion just before its first occurrence
+    with finish "stop", streamed too; a stop string never produced leaves the full text;
+    stop_token_ids stops at that token's first occurrence, counted in completion_tokens."""
     full = greedy(llm, [PROMPT], 40)[0]
     # pieces of the greedy text (most span a token boundary)
     for stop in [full[2:7], full[11:14], full[20:27]]:
@@ -337,6 +355,10 @@ def test_stop_strings(client, llm):
 
 
 def test_logprobs_match_engine_logits(client, llm):
+    """Greedy and seeded sampled completions report, for each output token, a logprob and top-3
+    values within 1e-4 of the log-softmax of the engine's prefill logits, the sampled token among at
+    most 4 entries; chat logprobs have one entry per completion token, each with 2 top entries, a
+    logprob <= 0 and bytes."""
     import torch
 
     prompt_ids = llm.tokenizer.encode(PROMPT)
@@ -374,6 +396,7 @@ def test_logprobs_match_engine_logits(client, llm):
 
 # ---- 5. concurrency -------------------------------------------------------------------------------
 def test_64_concurrent_streams(server, llm):
+    """64 concurrent streaming completions each give the same text as greedy LLM.generate."""
     subjects = ["dog", "cat", "girl", "boy", "bird", "tree", "ball", "car"]
     prompts = [
         f"{['The', 'A', 'One', 'My', 'Her', 'His', 'That', 'This'][i % 8]} {subjects[i // 8]}"
@@ -459,6 +482,9 @@ BAD = [
 
 
 def test_malformed_requests(client):
+    """Every malformed request in BAD gets an OpenAI-shaped error with its status and a message
+    naming the problem; unknown routes are 404, a wrong method 405, a body over --max-request-bytes
+    413; the server keeps serving afterwards."""
     for path, body, status, needle in BAD:
         if isinstance(body, bytes):
             r = client.post(path, content=body, headers={"content-type": "application/json"})
@@ -479,6 +505,11 @@ def test_malformed_requests(client):
 
 
 def test_disconnect_aborts(server, client):
+    """Streams dropped after one chunk and non-streaming clients that time out are aborted: within 3
+    s no request is running or in flight, at least 6 are counted finished by abort, and the pages in
+    use are only the prefix cache's; /metrics names the KV, cache, queue, latency and token
+    metrics."""
+
     def metric(name: str) -> float:
         text = client.get("/metrics").text
         m = re.search(rf"^{name} (\S+)$", text, re.M)
@@ -523,6 +554,9 @@ def test_disconnect_aborts(server, client):
 
 # ---- second server: no chat template, API key, SIGTERM --------------------------------------------
 def test_no_template_api_key_then_sigterm(tmp_path_factory, small_llama_dir):
+    """Without a chat template a chat request is a 400 saying so; with --api-key, a missing or wrong
+    key is a 401 on every route but /health, the right key is served (two tokenizer workers); on
+    SIGTERM the server exits 0 within 5 s, leaving no worker process and no socket directory."""
     s = start(tmp_path_factory, small_llama_dir, "--api-key", "s3cret", "--num-tokenizer", "2")
     try:
         h = {"Authorization": "Bearer s3cret"}
@@ -567,6 +601,9 @@ def test_no_template_api_key_then_sigterm(tmp_path_factory, small_llama_dir):
 
 # ---- third server: SIGKILL of the scheduler --------------------------------------------------------
 def test_scheduler_killed(tmp_path_factory, small_llama_dir):
+    """When the scheduler is SIGKILLed under 8 streams, /health turns 503 within 2 s, the streams
+    end with an error event (none is cut off without one, none hangs), the server exits non-zero and
+    no process of its tree survives."""
     s = start(tmp_path_factory, small_llama_dir)
     try:
         pids = descendants(s.proc.pid)

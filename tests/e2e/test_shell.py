@@ -114,6 +114,9 @@ def alive(pid: int) -> bool:
 
 
 def test_greedy_answer_reset_and_history(model, greedy_text):
+    """The shell's answer is LLM's greedy continuation of the input; the same input again continues
+    the growing transcript (another answer); after /reset it gives the first answer again, even when
+    the input is drawn twice; /quit exits with status 0."""
     p = spawn(model, "--max-tokens", "32")
     try:
         a1 = ask(p, ONCE)
@@ -170,6 +173,8 @@ def test_default_max_tokens_fit_and_history_overflow(model):
 
 
 def test_max_tokens_beyond_the_context_is_refused(model):
+    """--max-tokens 512 on a 512-token model is refused at start with a message that it leaves no
+    room, exit status 2."""
     p = spawn(model, "--max-tokens", "512", ready="leaves no room")
     p.expect(pexpect.EOF)
     p.close()
@@ -177,6 +182,9 @@ def test_max_tokens_beyond_the_context_is_refused(model):
 
 
 def test_ctrl_c_aborts_answer_and_exit_leaves_no_process(model, greedy_text):
+    """Ctrl-C while an answer streams aborts it ("aborted after N tokens") and back at the prompt
+    the aborted turn is not in the history: the next answer is the full greedy one; /exit ends the
+    shell with status 0 and no worker process left within 10 s."""
     full = greedy_text(ONCE, 400)
     # 400 tokens stream in well under a second here; on a loaded machine the answer can end
     # before Ctrl-C arrives (it then exits at the empty prompt): retry with a fresh shell
@@ -209,6 +217,8 @@ def test_ctrl_c_aborts_answer_and_exit_leaves_no_process(model, greedy_text):
 
 
 def test_ctrl_d_and_ctrl_c_at_prompt_exit(model):
+    """Ctrl-D or Ctrl-C at an empty prompt exits the shell with status 0, and no worker process is
+    left within 10 s."""
     for key in ("d", "c"):
         p = spawn(model, "--max-tokens", "8")
         try:

@@ -148,6 +148,9 @@ def _openai(url: str, model: str, ids: list[int]) -> str:
 
 @pytest.mark.parametrize("key", ["kv2", "kv1"])
 def test_tp2_greedy_equals_tp1(servers, models, key):
+    """For both checkpoints (KV heads split over the ranks, and one KV head replicated) the tp=2
+    server gives the same greedy ids and text as tp=1 through /generate, /v1/completions (with
+    logprob tokens) and the openai client, and the same ids with all prompts in flight together."""
     s1, s2 = servers[(key, 1)], servers[(key, 2)]
     for ids in PROMPTS:
         ids1, text1 = _generate(s1.url, ids)
@@ -168,6 +171,8 @@ def test_tp2_greedy_equals_tp1(servers, models, key):
 
 
 def test_tp_not_dividing_heads_fails_at_start(models):
+    """--tp 3 on a 4-head model fails at start with a non-zero exit and a message naming --tp 3 and
+    the heads."""
     cmd = [sys.executable, "-m", "minisgl", "--model", models["kv2"], "--device", "cpu"]
     cmd += ["--dtype", "float32", "--tp", "3", "--port", str(free_port())]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=REPO, env=ENV)
@@ -177,6 +182,8 @@ def test_tp_not_dividing_heads_fails_at_start(models):
 
 
 def test_rank_death_brings_server_down(servers):
+    """SIGKILL of rank 1's scheduler makes the tp=2 launcher exit non-zero within 10 s, leaving no
+    process of its tree."""
     s = servers[("kv1", "dies")]
     assert s.proc.poll() is None
     os.kill(s.worker_pid("minisgl:sched1"), signal.SIGKILL)
@@ -193,6 +200,7 @@ def test_rank_death_brings_server_down(servers):
 
 
 def test_tp_more_than_gpus_fails_at_start() -> None:
+    """--tp 64 on CUDA exits with status 2 saying it needs 64 GPUs, no traceback."""
     r = subprocess.run(
         [sys.executable, "-m", "minisgl", "--model", "unused", "--device", "cuda", "--tp", "64"],
         capture_output=True,

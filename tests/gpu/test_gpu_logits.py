@@ -40,6 +40,9 @@ def _check_reference(llm: LLM, prompt: list[int], outs: list[dict]) -> None:
 
 
 def test_fp32_gpu_equals_cpu_and_reference(qwen3_tied_dir: str) -> None:
+    """float32 on the GPU gives the CPU engine's greedy tokens for a batch of rows with penalties,
+    min_p, logit_bias and min_tokens and a plain row, and every processed token is the argmax
+    (within a small tolerance) of the reference-processed logits."""
     cpu = LLM(qwen3_tied_dir, device="cpu", dtype="float32", num_pages=1024)
     prompt = cpu.tokenizer.encode("The cat saw a red ball.")
     params = [_params(**kw) for kw in KWS] + [_params()]
@@ -55,6 +58,10 @@ def test_fp32_gpu_equals_cpu_and_reference(qwen3_tied_dir: str) -> None:
 
 
 def test_bf16_graphs_keep_plain_rows_and_follow_reference(qwen3_hd128_dir: str) -> None:  # noqa: F811
+    """In bf16 with CUDA graphs, plain rows batched beside processed rows keep the tokens of a batch
+    of plain rows only; the penalised rows' tokens differ from the plain row's and follow the
+    reference on the engine's own logits (up to bf16 near-ties), and min_tokens holds the stop token
+    it is biased to back until the sixth token."""
     llm = LLM(qwen3_hd128_dir, device="cuda", dtype="bfloat16", num_pages=2048)
     assert llm.engine.graphs is not None
     try:

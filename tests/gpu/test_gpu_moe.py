@@ -20,6 +20,9 @@ SHAPES = [(8, 2, 256, 96), (64, 4, 512, 256), (128, 8, 2048, 768)]
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"E{s[0]}k{s[1]}")
 def test_moe_kernel_matches_torch(shape: tuple[int, int, int, int]) -> None:
+    """For each expert shape (up to Qwen3-30B-A3B's), the compiled MoE kernels match the torch path
+    in float32 and bf16 for 1 to 512 tokens and a skewed routing, and moe_align's sorted list holds
+    every (token, expert) pair once, in tiles owned by its expert."""
     e, k, h, i = shape
     cases = [(t, e, k, h, i, "random") for t in SIZES] + [(256, e, k, h, i, "skewed")]
     for line in kernel_checks("cuda", cases, [torch.float32, torch.bfloat16]):
@@ -79,6 +82,8 @@ def test_fp32_gpu_matches_cpu(fixture: str, request: pytest.FixtureRequest) -> N
 
 @pytest.mark.parametrize("fixture", ["moe_hd128_dir", "mistral_hd128_dir"])
 def test_bf16_logits_vs_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    """In bf16, prefill logits of the Qwen3-MoE and Mistral checkpoints, with torch attention and
+    with FlashInfer, are within 2e-2 relative error of transformers' bf16 logits."""
     from transformers import AutoModelForCausalLM
 
     path = request.getfixturevalue(fixture)

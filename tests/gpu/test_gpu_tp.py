@@ -38,6 +38,8 @@ def _run(model_dir: str, tp: int, **kw: object) -> list[list[int]]:
 
 
 def test_tp2_equals_tp1_fp32(model_dir: str) -> None:
+    """float32 with torch attention on two GPUs (tp=2) gives exactly the greedy tokens of tp=1, for
+    KV heads split across the ranks and for a single KV head replicated on both."""
     kw = dict(dtype="float32", attn="torch")
     ref = _run(model_dir, 1, **kw)
     got = _run(model_dir, 2, **kw)
@@ -46,5 +48,7 @@ def test_tp2_equals_tp1_fp32(model_dir: str) -> None:
 
 
 def test_tp2_bf16_graphs_complete(model_dir: str) -> None:
+    """bf16 at tp=2 with FlashInfer, CUDA graphs and 16-token pages completes every request with its
+    full 24 tokens."""
     out = _run(model_dir, 2, dtype="bfloat16", attn="fi", page_size=16)
     assert [len(t) for t in out] == [24] * len(PROMPTS)

@@ -19,6 +19,9 @@ RESULTS: dict[str, str] = {}
 
 @pytest.mark.parametrize("victim", ["minisgl:sched0", "minisgl:detok", "minisgl:tok1"])
 def test_worker_sigkill(tmp_path_factory, small_llama_dir, victim):
+    """SIGKILL of the scheduler, the detokenizer or one of two tokenizer workers under 4 streams:
+    /health is 503 within 2 s, every stream ends with an error event, a 5xx or a transport error
+    (none hangs or finishes), the launcher exits non-zero and no process of the tree is left."""
     s = start_server(tmp_path_factory, small_llama_dir, "--num-tokenizer", "2")
     try:
         pids = descendants(s.proc.pid)  # collected before the kill, recursively

@@ -15,6 +15,9 @@ PROMPTS = ["Once upon a time", "The little dog", "Lily and Ben", "One day a bird
 
 
 def test_500_concurrent_streams(server):
+    """500 concurrent streams all get the exact greedy text of their prompt; within 5 s afterwards
+    no request runs, the KV pages held by requests are back to the idle value, and the server's
+    memory has grown by less than 25% + 100 MB."""
     idle = busy_pages(server.metrics())
     with httpx.Client(base_url=server.url, timeout=60) as c:
         expected = {}

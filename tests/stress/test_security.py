@@ -70,6 +70,8 @@ def outward_ip() -> str | None:
 
 
 def test_binds_loopback_by_default(secured):
+    """Without --host the server listens on 127.0.0.1 only: a connection to the machine's
+    non-loopback address (where it has one) is refused, and the log names 127.0.0.1."""
     addrs = listening_addrs(secured.port)
     assert addrs == ["127.0.0.1"], addrs
     ip = outward_ip()
@@ -93,6 +95,9 @@ ROUTES = [
 
 
 def test_api_key_every_route(secured):
+    """On every /v1 route and /generate, a missing, wrong, empty, unprefixed, Basic or altered key
+    is a 401 with an OpenAI-shaped error and the right Bearer key is served; /health and /metrics
+    need no key."""
     n = 0
     with httpx.Client(base_url=secured.url, timeout=30) as c:
         for method, path, body in ROUTES:
@@ -110,6 +115,8 @@ def test_api_key_every_route(secured):
 
 
 def test_body_and_n_caps(secured):
+    """A 150 kB body over --max-request-bytes 100000 is a 413 naming the cap; n=5 or n=10000 over
+    --max-n 4 is a 400 with param "n"; n=4 gives 4 choices."""
     h = {"Authorization": f"Bearer {KEY}"}
     with httpx.Client(base_url=secured.url, timeout=30, headers=h) as c:
         big = b'{"prompt": "' + b"a" * 150_000 + b'"}'
@@ -126,6 +133,9 @@ def test_body_and_n_caps(secured):
 
 
 def test_model_field_never_a_path(secured, tmp_path):
+    """Path-like model names (relative, absolute, the model's own directory, a FIFO, a ../ detour)
+    are a 400 with param "model" on completions and chat, the FIFO is never read, and the served
+    name "stories" is accepted."""
     fifo = tmp_path / "trap"
     os.mkfifo(fifo)  # opening it for reading would block: a hang means the server touched it
     names = ["../../etc/passwd", "/etc/passwd", secured.model, str(fifo), "stories/../stories"]
@@ -261,6 +271,8 @@ def _listening(pids: set[int]) -> list[str]:
 
 
 def test_tp2_listens_on_loopback_only(tmp_path_factory, small_llama_dir):
+    """A tp=2 server serves a completion, and every TCP socket its processes listen on (at least
+    two) is on a loopback address."""
     s = start_server(tmp_path_factory, small_llama_dir, "--tp", "2")
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:

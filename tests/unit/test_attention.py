@@ -38,6 +38,10 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -
 
 @pytest.mark.parametrize("is_prefill", [True, False])
 def test_torch_backend_matches_dense_reference(is_prefill: bool) -> None:
+    """The torch backend, for three requests of different lengths whose cached prefixes already sit
+    in scattered pool slots, gives the same output as dense causal attention over each whole
+    sequence (within 1e-5), both for a prefill of several new tokens per request and for a decode of
+    one."""
     torch.manual_seed(0)
     lens = [7, 19, 3]
     extends = [4, 6, 3] if is_prefill else [1, 1, 1]
@@ -75,6 +79,8 @@ def test_torch_backend_matches_dense_reference(is_prefill: bool) -> None:
 
 
 def test_backend_selection_errors() -> None:
+    """An unknown backend name raises a ValueError listing auto, torch, fi and fa; asking for "fi"
+    on CPU raises one saying it needs a GPU; "auto" on CPU picks the torch backend."""
     pool, table, _, _ = _setup([4])
     with pytest.raises(ValueError, match="choose auto, torch, fi, fa"):
         create_backend("bogus", "cpu", pool, table, H, KV, D)
@@ -84,6 +90,8 @@ def test_backend_selection_errors() -> None:
 
 
 def test_flash_attention_missing_names_the_package() -> None:
+    """Where flash-attn is not installed (skipped where it is), loading its varlen kernel raises an
+    ImportError that names the flash-attn package."""
     pytest.importorskip("torch")
     try:
         import flash_attn  # noqa: F401

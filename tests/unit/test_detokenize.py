@@ -43,6 +43,8 @@ def stream(inc: IncrementalDetokenizer, uid: int, chunks: list[list[int]]) -> li
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_one_token_at_a_time(tok, text):
+    """Each text plus EOS, fed one token per step, gives deltas that concatenate to the full decode,
+    with no U+FFFD in any delta; the request's state is freed once its last token is in."""
     ids = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
     inc = IncrementalDetokenizer(tok)
     deltas = stream(inc, 7, [[i] for i in ids])
@@ -52,6 +54,8 @@ def test_one_token_at_a_time(tok, text):
 
 
 def test_multibyte_held_back_until_complete(tok):
+    """An emoji that arrives as byte-fallback tokens comes out whole in a single delta, the four
+    deltas before it being empty; no delta holds U+FFFD and together they equal the full decode."""
     ids = tok.encode("x 😀 ok", add_special_tokens=False)
     inc = IncrementalDetokenizer(tok)
     deltas = [inc.step([(1, [i], False)])[0] for i in ids]
@@ -63,6 +67,9 @@ def test_multibyte_held_back_until_complete(tok):
 
 
 def test_invalid_utf8_run_matches_full_decode(tok):
+    """A run of byte tokens that is not valid UTF-8 (a NUL, a stray continuation byte, a lead byte
+    cut off by EOS, more continuation bytes, then "a"): with the last token marked finished the
+    deltas equal the full decode, and when never finished they are a prefix of it."""
     byte = {tok.convert_ids_to_tokens(i): i for i in range(tok.vocab_size)}
     ids = [
         byte["<0x00>"],
@@ -85,6 +92,8 @@ def test_invalid_utf8_run_matches_full_decode(tok):
 
 
 def test_leading_space_kept_mid_stream(tok):
+    """Streaming "Once upon a time" token by token, the first delta is "Once" with no leading space
+    and the second keeps its leading space."""
     ids = tok.encode("Once upon a time", add_special_tokens=False)
     inc = IncrementalDetokenizer(tok)
     deltas = stream(inc, 1, [[i] for i in ids])
@@ -123,6 +132,10 @@ def test_random_ids_interleaved(tok, data):
 
 
 def test_worker_messages(tok):
+    """The detokenizer worker turns each TokenOut into one TextOuts whose texts and token ids add up
+    to the full decode, with per-token logprob texts, cached and prompt lengths and the finish
+    reason carried over; ErrorOut and Stats pass through unchanged; an AbortReq frees the request's
+    state and its later rows are dropped while other requests in the same message still get text."""
     ids = tok.encode("Hi 你好", add_special_tokens=False)
     det = Detokenizer(tok)
     texts, ids_seen = "", []
@@ -160,12 +173,16 @@ def test_worker_messages(tok):
 
 
 def test_token_text_keeps_space(tok):
+    """token_text of the last token of "Once upon" (the word after the space) starts with the
+    space."""
     inc = IncrementalDetokenizer(tok)
     once = tok.encode("Once upon", add_special_tokens=False)
     assert inc.token_text(once[-1]).startswith(" ")
 
 
 def test_no_tokenizer_passes_ids():
+    """Without a tokenizer the detokenizer passes token ids and finish reasons through with empty
+    text and keeps no state per request."""
     det = Detokenizer(None)
     (out,) = det.handle(TokenOut([1, 2], [10, 11], [None, "length"]))
     assert [(o.uid, o.text, o.token_ids, o.finished) for o in out.outs] == [

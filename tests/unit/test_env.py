@@ -18,6 +18,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "features.md"
      ("1", True), ("true", True), ("YES", True), ("on", True)],
 )  # fmt: skip
 def test_switch_values(monkeypatch, value, want) -> None:
+    """A switch variable (MINISGL_DISABLE_KERNELS) is off when unset, empty, "0", "false", " Off "
+    or "no" and on for "1", "true", "YES" or "on": case and surrounding spaces do not matter."""
     if value is None:
         monkeypatch.delenv("MINISGL_DISABLE_KERNELS", raising=False)
     else:
@@ -26,6 +28,10 @@ def test_switch_values(monkeypatch, value, want) -> None:
 
 
 def test_defaults_and_errors(monkeypatch) -> None:
+    """With no MINISGL_* variable set every getter returns its default (overlap scheduling and
+    decode sorting on, fused ops not disabled, 8 QK heads, 4 warps, FI decode backend "fa2", no API
+    key); set variables override them, and a value that is not a switch or not an integer raises a
+    ValueError naming the variable and the value."""
     for name in env.VARS:
         monkeypatch.delenv(name, raising=False)
     assert env.overlap_scheduling() and env.decode_sort() and not env.disable_fused()
@@ -45,5 +51,6 @@ def test_defaults_and_errors(monkeypatch) -> None:
 
 
 def test_every_variable_is_documented() -> None:
+    """Every variable in env.VARS is named (in backticks) in docs/features.md."""
     documented = set(re.findall(r"`(MINISGL_[A-Z0-9_]+)", DOCS.read_text()))
     assert set(env.VARS) <= documented, set(env.VARS) - documented

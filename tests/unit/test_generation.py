@@ -48,6 +48,9 @@ async def _events(msgs: list[tuple[int, object]], n: int = 1, late: list | None 
 
 
 def test_queued_outputs_merge_per_choice() -> None:
+    """Outputs of two choices queued before the stream starts leave as one event per choice with
+    their texts joined in order ("abc", then "xy" finished); an output that arrives later is an
+    event of its own."""
     msgs = [(0, out(0, "a")), (1, out(1, "x")), (0, out(0, "b")), (1, out(1, "y", "length")),
             (0, out(0, "c"))]  # fmt: skip
     got = asyncio.run(_events(msgs, n=2, late=[(0, out(0, "d", "length"))]))
@@ -55,6 +58,9 @@ def test_queued_outputs_merge_per_choice() -> None:
 
 
 def test_one_output_at_a_time_is_one_event_each() -> None:
+    """Outputs that arrive one at a time while the stream waits each become their own event, in
+    order."""
+
     async def run() -> list:
         gen = Generation(FakeBridge())
         gen.add(0, "p", {}, [], False)
@@ -77,6 +83,9 @@ def test_one_output_at_a_time_is_one_event_each() -> None:
 
 
 def test_error_after_outputs_delivers_them_first() -> None:
+    """When an ErrorOut (500) follows two queued outputs, the stream first yields their text (one
+    event, "ab") and then raises an ApiError with status 500."""
+
     async def run() -> tuple[list, ApiError | None]:
         gen = Generation(FakeBridge())
         gen.add(0, "p", {}, [], False)

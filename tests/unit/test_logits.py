@@ -96,6 +96,9 @@ def test_each_op_matches_reference_formula() -> None:
 
 
 def test_slots_come_back() -> None:
+    """A request's slot in the processor is freed when the request is garbage-collected: after each
+    of three rounds of ten penalised requests no state is left, and the count table has grown once
+    (8 to 16 rows) and is reused, all 16 rows free."""
     proc = LogitsProcessor("cpu", [EOS])
     for _ in range(3):
         reqs = [_req(i, [1, 2], presence_penalty=1.0) for i in range(10)]
@@ -108,6 +111,9 @@ def test_slots_come_back() -> None:
 
 
 def test_bad_params_rejected() -> None:
+    """SamplingParams raises a ValueError for out-of-range penalties (presence 3, NaN frequency,
+    repetition 0), min_p above 1, min_tokens negative or above max_tokens, a logit bias over 100 or
+    on a negative token id, and a grammar of an unknown kind."""
     for kw in [dict(presence_penalty=3.0), dict(frequency_penalty=float("nan")),
                dict(repetition_penalty=0.0), dict(min_p=1.5), dict(min_tokens=-1),
                dict(min_tokens=99), dict(logit_bias={1: 200.0}), dict(logit_bias={-1: 1.0}),
@@ -149,6 +155,9 @@ def test_generate_with_penalties_matches_reference(llm) -> None:
 
 
 def test_min_tokens_and_logit_bias_end_to_end(llm) -> None:
+    """Through LLM.generate: a +100 bias on EOS makes EOS the only output token; with min_tokens=5
+    as well, EOS is held back for five tokens and comes sixth; min_p=1 at temperature 1 gives the
+    greedy tokens."""
     eos = llm.engine.cfg.eos_token_ids[0]
     prompt = llm.tokenizer.encode("A brave knight")
     wants_eos = dict(temperature=0, max_tokens=20, logit_bias={eos: 100.0})
@@ -165,6 +174,9 @@ def test_min_tokens_and_logit_bias_end_to_end(llm) -> None:
 
 
 def test_offline_logprobs(llm) -> None:
+    """With logprobs=5 every output token gets its logprob, equal (within 1e-4) to the log-softmax
+    of the engine's prefill logits, and the 5 top ids of that row in order; without logprobs the
+    output has no "logprobs" key."""
     prompt = llm.tokenizer.encode("My friend")
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
                                                 logprobs=5), use_tqdm=False)[0]  # fmt: skip

@@ -92,6 +92,8 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("fixture", TINY)
 def test_greedy_matches_hf(fixture: str, request: pytest.FixtureRequest, engines, hf_model) -> None:
+    """On every tiny checkpoint (and the copies in another layout, against the original), 32 greedy
+    tokens for each prompt of a batch, one of which runs past position 64, equal transformers'."""
     model_dir = request.getfixturevalue(fixture)
     ref = hf_model(request.getfixturevalue(REFERENCE.get(fixture, fixture)))
     llm = engines.get(model_dir)
@@ -112,6 +114,8 @@ def test_greedy_matches_hf(fixture: str, request: pytest.FixtureRequest, engines
 def test_prefill_logits_match_hf(
     fixture: str, request: pytest.FixtureRequest, engines, hf_model
 ) -> None:
+    """On every tiny checkpoint, prefill logits at every position equal transformers' within 1e-4 of
+    the largest logit, for a short prompt and one of about 100 tokens that crosses position 64."""
     model_dir = request.getfixturevalue(fixture)
     ref = hf_model(request.getfixturevalue(REFERENCE.get(fixture, fixture)))
     llm = engines.get(model_dir)
@@ -161,6 +165,7 @@ STORY_PROMPTS = [
 
 
 def test_stories_once_upon_a_time(stories_dir: str, engines) -> None:
+    """stories260K's 32 greedy tokens after "Once upon a time" are its known output ids and text."""
     llm = engines.get(stories_dir)
     out = llm.generate(["Once upon a time"], greedy(), use_tqdm=False)[0]
     assert list(out["token_ids"]) == STORIES_IDS
@@ -169,6 +174,8 @@ def test_stories_once_upon_a_time(stories_dir: str, engines) -> None:
 
 @pytest.mark.parametrize("model", ["small_llama_dir", "stories_dir"])
 def test_stories_batch_equals_alone(model: str, engines, request) -> None:
+    """Sixteen different prompts generated in one batch give the same 24 greedy tokens and text as
+    each prompt generated alone (on small_llama and on stories260K)."""
     assert len(set(STORY_PROMPTS)) == 16
     llm = engines.get(request.getfixturevalue(model))
     params = greedy(24)
@@ -187,6 +194,8 @@ def test_stories_batch_equals_alone(model: str, engines, request) -> None:
 
 
 def test_qwen3_06b_dummy_weights_token_ids(qwen3_06b_config_dir: str, engines) -> None:
+    """Qwen3-0.6B's config with dummy weights loads and generates 4 tokens for each of two prompts,
+    every token an int inside its 151,936-token vocabulary, along with a text string."""
     engines.close()  # free the previous engine before building a 0.6B one
     llm = engines.get(
         qwen3_06b_config_dir,
@@ -207,6 +216,8 @@ def test_qwen3_06b_dummy_weights_token_ids(qwen3_06b_config_dir: str, engines) -
 
 
 def test_unsupported_architecture_lists_supported(unsupported_arch_dir: str) -> None:
+    """Loading a checkpoint of an unsupported architecture raises an error that names the supported
+    ones (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM among them)."""
     from minisgl import LLM
 
     with pytest.raises(Exception) as info:

@@ -161,6 +161,8 @@ def _config_dir(tmp_path: Path, **cfg: object) -> str:
 
 
 def test_sliding_window_refused_unless_within(tmp_path: Path) -> None:
+    """A Mistral config with a 16-token sliding window is refused at start-up with an error that
+    names the window and --max-seq-len 16; with max_seq_len=16 it starts and generates 8 tokens."""
     from minisgl import LLM, SamplingParams
 
     d = _config_dir(tmp_path, architectures=["MistralForCausalLM"], sliding_window=16)
@@ -173,6 +175,8 @@ def test_sliding_window_refused_unless_within(tmp_path: Path) -> None:
 
 
 def test_mistral3_other_language_model_refused(tmp_path: Path) -> None:
+    """A Mistral3 checkpoint whose text model is of another type (ministral3) is refused with an
+    error naming that language model type."""
     from minisgl import LLM
 
     text = _common_config(model_type="ministral3")

@@ -29,6 +29,8 @@ def total_cached(cm: RadixCacheManager) -> int:
 
 
 def test_factory() -> None:
+    """create_cache_manager builds a radix manager for "radix", a naive one for "naive", and raises
+    a ValueError for any other name."""
     assert isinstance(create_cache_manager("radix", 2), RadixCacheManager)
     assert isinstance(create_cache_manager("naive", 2), NaiveCacheManager)
     with pytest.raises(ValueError):
@@ -36,6 +38,8 @@ def test_factory() -> None:
 
 
 def test_empty_tree() -> None:
+    """An empty tree matches nothing (the root as handle, an empty int64 array), locking and
+    unlocking the root is a no-op, eviction frees nothing and both token counts stay 0."""
     cm = RadixCacheManager(4)
     handle, got = cm.match_prefix([1, 2, 3, 4, 5])
     assert handle is cm.root and got.dtype == np.int64 and len(got) == 0
@@ -47,6 +51,9 @@ def test_empty_tree() -> None:
 
 
 def test_insert_and_match_page_size_1() -> None:
+    """With pages of one token, an inserted sequence is matched up to the first token that differs
+    (its own kv indices returned), an unrelated prompt matches nothing, and its tokens count as
+    evictable."""
     cm = RadixCacheManager(1)
     assert cm.insert([1, 2, 3], idx(10, 11, 12)) == 0
     _, got = cm.match_prefix([1, 2, 3, 4])
@@ -60,6 +67,8 @@ def test_insert_and_match_page_size_1() -> None:
 
 
 def test_page_size_4_ignores_partial_pages() -> None:
+    """With pages of four tokens only whole pages are cached (8 of 10 tokens), a mismatch inside a
+    page drops that whole page from the match, and a prompt shorter than a page matches nothing."""
     cm = RadixCacheManager(4)
     # Only the first 8 tokens (two pages) are inserted; the tail of 2 is dropped.
     assert cm.insert(list(range(10)), arange(100, 10)) == 0
@@ -76,6 +85,9 @@ def test_page_size_4_ignores_partial_pages() -> None:
 
 
 def test_split_in_middle_preserves_indices() -> None:
+    """A match that ends inside a node splits it at the page boundary: the handle is the prefix half
+    under the root, the suffix half keeps its own kv indices, and the full sequence still matches
+    all of them."""
     cm = RadixCacheManager(2)
     cm.insert([1, 2, 3, 4, 5, 6], idx(10, 11, 12, 13, 14, 15))
     assert len(cm.root.children) == 1
@@ -91,6 +103,8 @@ def test_split_in_middle_preserves_indices() -> None:
 
 
 def test_split_keeps_existing_handle_valid() -> None:
+    """Splitting a locked node keeps the lock on the whole path: its 4 tokens stay protected until
+    the old handle is unlocked, after which all 4 are evictable."""
     cm = RadixCacheManager(1)
     cm.insert([1, 2, 3, 4], idx(0, 1, 2, 3))
     handle, _ = cm.match_prefix([1, 2, 3, 4])
@@ -104,6 +118,9 @@ def test_split_keeps_existing_handle_valid() -> None:
 
 
 def test_insert_existing_prefix_returns_its_length() -> None:
+    """insert returns how many leading tokens were already cached: a repeat keeps the original
+    indices, a partly shared sequence adds only the indices past the shared prefix, and a strict
+    prefix of a cached sequence adds nothing."""
     cm = RadixCacheManager(2)
     assert cm.insert([1, 2, 3, 4], idx(10, 11, 12, 13)) == 0
     # Fully cached: returns the whole length and keeps the original indices.
@@ -119,6 +136,8 @@ def test_insert_existing_prefix_returns_its_length() -> None:
 
 
 def test_insert_copies_indices() -> None:
+    """The tree keeps a copy of the inserted indices: the caller overwriting its buffer afterwards
+    does not change what a match returns."""
     cm = RadixCacheManager(1)
     buf = idx(5, 6, 7)
     cm.insert([1, 2, 3], buf)
@@ -127,6 +146,8 @@ def test_insert_copies_indices() -> None:
 
 
 def test_evict_lru_order() -> None:
+    """Eviction frees least recently used leaves first (a match counts as a use) and frees a whole
+    leaf even when fewer tokens were asked for."""
     cm = RadixCacheManager(1)
     cm.insert([1, 1], idx(0, 1))
     cm.insert([2, 2], idx(2, 3))
@@ -140,6 +161,8 @@ def test_evict_lru_order() -> None:
 
 
 def test_evict_parent_after_children() -> None:
+    """Once its children are evicted, an inner node becomes a leaf and is evicted by its own age
+    (before a more recently inserted node), so a 4-token eviction frees the whole older branch."""
     cm = RadixCacheManager(1)
     cm.insert([1, 2, 3], idx(0, 1, 2))
     cm.insert([1, 2, 4], idx(9, 9, 3))  # splits into [1,2] -> {[3], [4]}
@@ -152,6 +175,9 @@ def test_evict_parent_after_children() -> None:
 
 
 def test_locked_nodes_never_evicted() -> None:
+    """A locked path is never evicted, and stays matched, while it holds any lock (locks are
+    counted); once fully unlocked its tokens are evictable again, leaf first, the split nodes not
+    merged back."""
     cm = RadixCacheManager(2)
     cm.insert([1, 2, 3, 4], idx(0, 1, 2, 3))
     cm.insert([1, 2, 5, 6], idx(9, 9, 4, 5))
@@ -174,6 +200,8 @@ def test_locked_nodes_never_evicted() -> None:
 
 
 def test_lock_inner_node_protects_only_path() -> None:
+    """Locking an inner node protects only the path from the root to it: the leaf below it is still
+    evicted."""
     cm = RadixCacheManager(1)
     cm.insert([1, 2, 3], idx(0, 1, 2))
     handle, _ = cm.match_prefix([1, 2])
@@ -185,6 +213,7 @@ def test_lock_inner_node_protects_only_path() -> None:
 
 
 def test_check_detects_corruption() -> None:
+    """check() raises an AssertionError when the evictable-token count disagrees with the tree."""
     cm = RadixCacheManager(2)
     cm.insert([1, 2, 3, 4], idx(0, 1, 2, 3))
     cm._evictable += 1
@@ -193,6 +222,8 @@ def test_check_detects_corruption() -> None:
 
 
 def test_naive_cache_manager() -> None:
+    """The naive manager caches nothing: no match, locks are no-ops, insert reports the whole paged
+    length (8 of 10) as already held so the caller frees every index, and nothing is evictable."""
     cm = NaiveCacheManager(4)
     handle, got = cm.match_prefix([1, 2, 3, 4, 5])
     assert handle is None and got.dtype == np.int64 and len(got) == 0

@@ -23,6 +23,8 @@ import torch
     ids=["temperature=-1", "top_p=0", "top_p=1.5", "max_tokens=0", "top_k=0"],
 )
 def test_invalid_sampling_params(kw: dict) -> None:
+    """SamplingParams raises a ValueError for a negative temperature, a top_p of 0 or above 1,
+    max_tokens 0 and top_k 0."""
     from minisgl import SamplingParams
 
     with pytest.raises(ValueError):
@@ -30,6 +32,8 @@ def test_invalid_sampling_params(kw: dict) -> None:
 
 
 def test_valid_sampling_params_edges() -> None:
+    """The edge values are accepted: temperature 0 and 2, top_k -1 and 1, top_p 1 and 0.01,
+    max_tokens 1, a seed of 0."""
     from minisgl import SamplingParams
 
     SamplingParams(temperature=0.0, top_k=-1, top_p=1.0, max_tokens=1)
@@ -66,6 +70,8 @@ def _ids(outs) -> list[list[int]]:
 
 
 def test_top_k_1_equals_greedy(llm) -> None:
+    """Sampling at temperature 1 with top_k=1 gives the same 32 tokens per prompt as greedy
+    decoding."""
     from minisgl import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
@@ -77,6 +83,9 @@ def test_top_k_1_equals_greedy(llm) -> None:
 
 
 def test_seeded_sampling_is_reproducible_and_batch_invariant(llm) -> None:
+    """A seeded request at temperature 0.8 gives the same 32 tokens in two calls, alone or in a
+    batch of 8 different prompts, and each prompt of the batch gives alone what it gave in it;
+    another seed gives other tokens."""
     from minisgl import SamplingParams
 
     params = SamplingParams(temperature=0.8, seed=123, max_tokens=32, ignore_eos=True)
@@ -215,6 +224,8 @@ def _check(samples: torch.Tensor, setting: tuple[float, int, float]) -> None:
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=[f"T{t}-k{k}-p{p}" for t, k, p in SETTINGS])
 def test_sampler_distribution(setting: tuple[float, int, float]) -> None:
+    """For each temperature / top-k / top-p setting, 20,000 draws of the sampler never pick a token
+    the exact target distribution truncates, and fit that distribution (chi-square p > 1e-3)."""
     rows, calls = 2000, N // 2000
     samples = _draw([setting] * rows, calls, seed=1234)
     assert samples.numel() == N

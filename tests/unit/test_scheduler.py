@@ -135,6 +135,10 @@ def assert_same_greedy(llm: LLM, prompts: list, out: list, ref: list, tol: float
 
 @pytest.mark.parametrize("page_size", [1, 4])
 def test_shared_prefix_hits_cache_and_matches_naive(small_llama_dir: str, page_size: int) -> None:
+    """Of two prompts sharing a 200-token prefix, run a, b, b: with the radix cache b first hits all
+    200 prefix tokens and then its whole prompt but the last token (in whole pages), while the naive
+    cache never hits; every row of a request reports the same cached count, the counter sums them,
+    and both caches give the same greedy tokens."""
     rng = random.Random(2)
     prefix = [rng.randrange(3, 500) for _ in range(200)]
     a = prefix + [7, *(rng.randrange(3, 500) for _ in range(19))]
@@ -174,6 +178,9 @@ def test_shared_prefix_hits_cache_and_matches_naive(small_llama_dir: str, page_s
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
 def test_chunked_prefill_matches_unlimited(small_llama_dir: str, overlap: bool) -> None:
+    """With a 16-token prefill budget, prompts of up to 400 tokens (some sharing prefixes) are
+    prefilled in many chunks of at most 16 tokens and give the same greedy tokens, each request its
+    full max_tokens, as with an unlimited budget."""
     rng = random.Random(3)
     lens = [100, 400, 150, 250, 333, 120, 380, 210]
     prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in lens]
@@ -255,6 +262,9 @@ def _mixed_workload(sampled: bool) -> tuple[list[list[int]], list[SamplingParams
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "mixed-seeded"])
 def test_overlap_matches_sequential(small_llama_dir: str, sampled: bool) -> None:
+    """On 32 requests of mixed lengths (greedy, some free to stop at EOS, or also seeded sampling)
+    the overlap loop gives the same tokens as the sequential one, each output 1 to max_tokens long;
+    a second overlapped run of the sampled workload repeats them."""
     prompts, params = _mixed_workload(sampled)
     outs, steps = {}, {}
     for overlap in (True, False):
@@ -273,6 +283,8 @@ def test_overlap_matches_sequential(small_llama_dir: str, sampled: bool) -> None
 
 
 def test_overlap_env_var(small_llama_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MINISGL_DISABLE_OVERLAP_SCHEDULING=1 turns overlap scheduling off in a new engine; with the
+    variable unset it is on."""
     monkeypatch.setenv("MINISGL_DISABLE_OVERLAP_SCHEDULING", "1")
     assert LLM(small_llama_dir, device="cpu").scheduler.overlap is False
     monkeypatch.delenv("MINISGL_DISABLE_OVERLAP_SCHEDULING")
@@ -299,6 +311,9 @@ def pressure_workload(small_llama_dir: str) -> tuple[list[list[int]], list[Sampl
 def test_kv_pressure_retracts_and_recovers(
     small_llama_dir: str, pressure_workload: tuple, page_size: int, overlap: bool
 ) -> None:
+    """40 requests in a pool that holds about three: some are retracted, the batch never exceeds 6,
+    and the outputs equal the unconstrained run (up to float32 near-ties); afterwards no page is
+    lost and a request filling the whole pool still fits, the cache giving its pages back."""
     prompts, params, ref = pressure_workload
     num_pages = 300 // page_size  # about three requests of ~60 + ~30 tokens
     llm = make_llm(small_llama_dir, overlap=overlap, page_size=page_size, num_pages=num_pages)
@@ -342,6 +357,8 @@ def test_admission_counts_pages_of_the_whole_prefill_batch(
 def test_cached_tokens_stay_within_the_prompt_after_retraction(
     small_llama_dir: str, pressure_workload: tuple, page_size: int
 ) -> None:
+    """Under KV pressure with retractions, no output row reports more cached tokens than its prompt
+    length, and the outputs equal the unconstrained run (up to float32 near-ties)."""
     prompts, params, ref = pressure_workload
     llm = make_llm(small_llama_dir, overlap=False, page_size=page_size, num_pages=300 // page_size)
     msgs = record(llm)
@@ -376,6 +393,8 @@ def test_prefill_chunks_are_inserted_into_the_cache(small_llama_dir: str) -> Non
 def test_max_running_requests_caps_the_batch(
     small_llama_dir: str, pressure_workload: tuple
 ) -> None:
+    """With max_running_requests=4 the running batch reaches 4 requests and never more, and the
+    outputs equal the uncapped run's."""
     prompts, params, ref = pressure_workload
     llm = make_llm(small_llama_dir, max_running_requests=4)
     steps = count_steps(llm)
@@ -410,6 +429,10 @@ def abort_workload(small_llama_dir: str) -> tuple[list[list[int]], list[Sampling
 def test_abort_half_of_running(
     small_llama_dir: str, abort_workload: tuple, overlap: bool, budget: int
 ) -> None:
+    """Aborting 10 of 20 requests mid-flight (both loops, with and without chunked prefill): abort
+    returns True once, then False, and False for an unknown uid; an aborted request gets no token
+    after its abort and no finish, no page is lost, and the 10 others finish by length with the
+    tokens each gives alone."""
     prompts, params, alone = abort_workload
     llm = make_llm(small_llama_dir, overlap=overlap, max_prefill_length=budget)
     sched = llm.scheduler
@@ -462,6 +485,10 @@ def test_abort_half_of_running(
 
 
 def test_requests_that_never_fit_are_rejected(small_llama_dir: str) -> None:
+    """scheduler.add returns an error for a request past the 512-token context, one larger than the
+    128-token KV cache, an empty prompt, an id outside the vocabulary and a duplicate uid, and
+    admits one that exactly fits; LLM.generate raises a ValueError for a batch holding a request
+    that cannot fit, withdraws its valid requests, and serves the next batch."""
     llm = make_llm(small_llama_dir, num_pages=64, page_size=2)  # 128 KV tokens
     sched = llm.scheduler
     too_long = sched.add(0, [5] * 500, SamplingParams(max_tokens=20))
@@ -501,6 +528,9 @@ def _stop_case(llm: LLM) -> tuple[list[int], list[int]]:
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sequential"])
 def test_stop_token_ids_and_length(small_llama_dir: str, overlap: bool) -> None:
+    """A stop token id ends the output right after that token (included), with finish 'stop' on its
+    row and None on the rows before; max_tokens=7 gives the first 7 greedy tokens, the last row
+    marked 'length'; under both loops."""
     llm = make_llm(small_llama_dir, overlap=overlap)
     prompt, full = _stop_case(llm)
     msgs = record(llm)
@@ -579,6 +609,10 @@ def test_generation_config_eos(small_llama_dir: str, tmp_path: Path) -> None:
 
 
 def test_counters(small_llama_dir: str) -> None:
+    """With the naive cache and at most 5 running requests, prefill_tokens is the sum of the prompt
+    lengths and decode_tokens the sum of max_tokens - 1, with no prefix hits or retractions; the
+    per-step stats reach 5 running requests, keep pages used + free = total and never count more
+    than the 12 requests."""
     prompts = random_prompts(7, 12, 5, 60)
     params = [SamplingParams(max_tokens=m, **GREEDY) for m in range(1, 13)]
     llm = make_llm(small_llama_dir, cache="naive", max_running_requests=5)

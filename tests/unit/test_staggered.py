@@ -19,6 +19,9 @@ def _llm(path: str, monkeypatch: pytest.MonkeyPatch, overlap: bool, poison: bool
 def test_overlap_on_off_and_poison_agree(
     llama_gqa_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The staggered load gives the same greedy tokens for every finished request with overlap
+    scheduling on and off, and with the KV pool poisoned with NaN, which yields no non-finite
+    logits; more than 60 requests finish, each with its max_tokens, and no page leaks."""
     load = make_load(90, 384, seed=1)
     on = run_load(_llm(llama_gqa_dir, monkeypatch, True), load)
     off = run_load(_llm(llama_gqa_dir, monkeypatch, False), load)

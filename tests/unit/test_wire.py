@@ -28,6 +28,8 @@ FULL = SamplingParams(0.5, 3, 0.9, 7, True, [1, 2], 5, 2, 0.1, -0.2, 1.1, 0.05, 
 
 
 def test_round_trips() -> None:
+    """Every record kind (TokenizeReq, UserReq, TokenOut, TextOuts, with full SamplingParams and
+    logprobs) decodes back equal to what was encoded, logit_bias keys still ints."""
     for msg in (TokenizeReq(1, "hi", None, FULL, True, True), UserReq(2, [1, 2], SamplingParams()),
                 TokenOut([1, 2], [3, 4], [None, "stop"],
                          [Logprob(-0.5, [3, 9], [-0.5, -1.0]), None], [0, 1], [3, 3]),
@@ -44,11 +46,15 @@ def test_round_trips() -> None:
      [1.0, -1, 1.0, 16, False, [], None, -1, 0, 0, 1, 0, {"3": 1.0}]],  # logit_bias key type
 )  # fmt: skip
 def test_bad_params_rejected(params) -> None:
+    """A UserReq frame whose params fail SamplingParams' validation, or have a wrong type, a dict, a
+    wrong count of fields or a string logit_bias key, is a BadFrame naming UserReq.params."""
     with pytest.raises(BadFrame, match="UserReq.params"):
         decode(msgpack.packb([2, 1, [1], params]))
 
 
 def test_bad_logprobs_rejected() -> None:
+    """A TokenOut frame whose logprob row has too many fields, a non-int id, a wrong type or too few
+    fields is a BadFrame naming TokenOut.logprobs."""
     for row in ([-0.5, [1], [-0.5], 3], [-0.5, ["1"], [-0.5]], "x", [-0.5]):
         with pytest.raises(BadFrame, match="TokenOut.logprobs"):
             decode(msgpack.packb([4, [1], [2], [None], [row]]))
@@ -65,6 +71,11 @@ def test_bad_text_outs_rejected() -> None:
 
 
 def test_check_prompt() -> None:
+    """check_prompt returns the params unchanged for a valid prompt and with fill=True sets
+    max_tokens to the room left; it raises a PromptError saying why for an empty prompt, an id
+    outside the vocabulary (in the prompt, stop_token_ids or logit_bias), a prompt that leaves no
+    room or one that asks for more tokens than max_seq_len, and a ValueError when the filled
+    max_tokens falls below min_tokens."""
     lim = Limits(max_seq_len=10, vocab_size=100)
     p = SamplingParams(max_tokens=4, stop_token_ids=[5])
     assert check_prompt([1, 2, 3], p, lim) is p
