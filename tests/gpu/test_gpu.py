@@ -86,8 +86,10 @@ def _greedy(llm: LLM, prompts: list, n: int = 32) -> list[list[int]]:
 
 
 def test_stories_greedy_and_batching(stories_dir: str) -> None:
-    """float32 (issue 2, item 6). In bf16 a batch can differ from a lone request (other GEMM
-    shapes round differently), so bf16 is checked through logit error bounds instead."""
+    """stories260K in float32 on the GPU: "Once upon a time" decodes greedily to the known ids,
+    and 16 prompts batched together get the same greedy tokens as each alone (issue 2, item 6).
+    In bf16 a batch can differ from a lone request (other GEMM shapes round differently), so
+    bf16 is checked through logit error bounds instead."""
     llm = LLM(stories_dir, device="cuda", dtype="float32", attn="torch")
     assert _greedy(llm, ["Once upon a time"])[0] == STORIES_IDS
     prompts = [
@@ -348,7 +350,9 @@ def test_gumbel_sample_kernel() -> None:
 
 
 def test_seeded_request_independent_of_batch_on_gpu(stories_dir: str) -> None:
-    """Through the engine (the fused sampler, top-p rows on the torch path beside it)."""
+    """A seeded sampled request gets the same tokens alone and in a batch beside unseeded
+    greedy, top-p and temperature rows, through the engine on the GPU (the fused sampler, the
+    top-p rows on the torch path beside it)."""
     llm = LLM(stories_dir, device="cuda", dtype="float32", attn="torch")
     seeded = SamplingParams(temperature=0.9, seed=1234, max_tokens=16, ignore_eos=True)
     alone = llm.generate(["Once upon a time"], seeded, use_tqdm=False)[0]["token_ids"]
