@@ -30,19 +30,16 @@ def _parse(argv: list[str] | None) -> ServerArgs:
         with contextlib.redirect_stderr(err):
             args = parse_args(argv)
     except SystemExit as e:
-        lines = err.getvalue().strip().splitlines()
-        if lines:
+        if lines := err.getvalue().strip().splitlines():
             print(lines[-1], file=sys.stderr)
         raise SystemExit(e.code) from None
     local = len(args.local_ranks)
     if local > 1 and args.resolved_device == "cuda":
         import torch
 
-        if local > torch.cuda.device_count():
+        if local > (visible := torch.cuda.device_count()):
             per_node = " per node" if args.nnodes > 1 else ""
-            _fail(
-                f"--tp {args.tp} needs {local} GPUs{per_node}, {torch.cuda.device_count()} visible"
-            )
+            _fail(f"--tp {args.tp} needs {local} GPUs{per_node}, {visible} visible")
     if args.chat_template and not os.path.isfile(args.chat_template):
         _fail(f"--chat-template {args.chat_template!r} is not a file")
     return _resolve_model(args)  # last: it may download the checkpoint
@@ -75,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.shell:
         from minisgl.shell import run_shell
 
-        return int(run_shell(args) or 0)
+        return run_shell(args)
     if args.node_rank > 0:
         from minisgl.server.node import run_node
 

@@ -62,9 +62,7 @@ class LineReader:
 
     def read(self, prompt: str) -> str:
         """A line; EOFError on Ctrl-D, KeyboardInterrupt on Ctrl-C."""
-        if self.session is not None:
-            return self.session.prompt(prompt)
-        return input(prompt)
+        return input(prompt) if self.session is None else self.session.prompt(prompt)
 
 
 class Shell:
@@ -76,9 +74,6 @@ class Shell:
     def write(self, text: str) -> None:
         self.out.write(text)
         self.out.flush()
-
-    def reset(self) -> None:
-        self.turns = []
 
     def build_prompt(self, line: str) -> str:
         if self.chat:
@@ -117,9 +112,8 @@ class Shell:
                     self.write(f"error: {msg.message}\n")
                     return
                 ntok += len(msg.token_ids)
-                if msg.text:
-                    parts.append(msg.text)
-                    self.write(msg.text)
+                parts.append(msg.text)
+                self.write(msg.text)
         except KeyboardInterrupt:
             c.abort(uid)
             self.write(f"\n[aborted after {ntok} tokens]\n")
@@ -142,7 +136,7 @@ class Shell:
             if cmd in ("/exit", "/quit"):
                 return
             if cmd == "/reset":
-                self.reset()
+                self.turns.clear()
                 self.write("(history cleared)\n")
                 continue
             if line.startswith("/"):  # /help, /? and any unknown command
@@ -176,15 +170,10 @@ def run_shell(args: ServerArgs) -> int:
             return 2
         fitted = args.max_tokens or min(DEFAULT_MAX_TOKENS, max(1, ctx // 4))
         shell = Shell(client.args.replace(max_tokens=fitted), client)
-        limits = f"context {ctx} tokens, answers up to {fitted}"
-        if shell.chat:
-            print(f"chat mode ({limits}). {HELP}", flush=True)
-        else:
-            print(
-                "this model has no chat template: plain-continuation mode (each input continues "
-                f"the transcript so far; pass --chat-template FILE to chat; {limits}). {HELP}",
-                flush=True,
-            )
+        lead = "chat mode (" if shell.chat else (
+            "this model has no chat template: plain-continuation mode (each input continues "
+            "the transcript so far; pass --chat-template FILE to chat; ")  # fmt: skip
+        print(f"{lead}context {ctx} tokens, answers up to {fitted}). {HELP}", flush=True)
         shell.loop(LineReader())
     except KeyboardInterrupt:
         print()

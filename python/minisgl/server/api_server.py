@@ -86,17 +86,12 @@ class Guard:
     async def _call(self, scope: dict, receive: Callable, send: Callable, path: str) -> None:
         headers = dict(scope.get("headers") or [])
         refusal = self.gate.refusal(headers)
-        if refusal is not None:
-            refusal = error_response(*refusal)
-        elif self.key is not None and (path.startswith("/v1") or path in KEYED):
-            auth = headers.get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
+        if refusal is None and self.key is not None and (path.startswith("/v1") or path in KEYED):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
-                refusal = error_response(
-                    401, "missing or invalid API key (Authorization: Bearer KEY)"
-                )
+                refusal = 401, "missing or invalid API key (Authorization: Bearer KEY)"
         if refusal is not None:
-            return await refusal(scope, receive, send)
+            return await error_response(*refusal)(scope, receive, send)
         limit = self.args.max_request_bytes
         try:
             declared = int(headers.get(b"content-length", b"0") or 0)
@@ -123,14 +118,10 @@ class Guard:
                 return await too_big(scope, receive, send)
             if not msg.get("more_body", False):
                 break
-        body, replayed = b"".join(chunks), False
+        body = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def replay() -> dict:  # the body once, then the client's own messages
+            return body.pop() if body else await receive()
 
         await self.app(scope, replay, send)
 
@@ -251,7 +242,7 @@ async def generate(request: Request, api: Api) -> Response:
     api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)
-    rid = "gen-" + Formatter("completion", api.name, False).id[5:]
+    rid = "gen-" + uuid.uuid4().hex
     lp, texts = req.return_logprob, req.return_text_in_logprobs
     stream = native_stream(gen, rid, lp, texts) if req.stream else None
 

@@ -136,13 +136,17 @@ class Bridge(ipc.Handshake):
 
     def abort(self, h: ReqHandle, reason: str = "abort") -> None:
         """Drop a request that is still running (client gone; reason "stop": a stop string)."""
-        if self.reqs.pop(h.uid, None) is None:
-            return
-        self.metrics.running.dec()
-        self.metrics.finished.labels(reason).inc()
-        if self.dead is None:
+        if self._end(h.uid, reason) is not None and self.dead is None:
             ipc.send(self.tok_push[h.worker], AbortReq(h.uid))
             ipc.send(self.detok_push, AbortReq(h.uid))
+
+    def _end(self, uid: int, reason: str) -> ReqHandle | None:
+        """Forget a request and count how it ended; None if it had ended already."""
+        h = self.reqs.pop(uid, None)
+        if h is not None:
+            self.metrics.running.dec()
+            self.metrics.finished.labels(reason).inc()
+        return h
 
     def fail_all(self, message: str, status: int = 503) -> None:
         """Every in-flight request gets an error (a worker died, or shutdown)."""
@@ -177,27 +181,21 @@ class Bridge(ipc.Handshake):
         h.num_tokens += len(msg.token_ids)
         m.generation_tokens.inc(len(msg.token_ids))
         if msg.finished is not None:
-            del self.reqs[msg.uid]
-            m.running.dec()
-            m.finished.labels(msg.finished).inc()
+            self._end(msg.uid, msg.finished)
             m.e2e.observe(now - h.t_start)
         h.queue.put_nowait((h.index, msg))
 
     def _on_result(self, msg: Any) -> None:
-        m = self.metrics
         if isinstance(msg, TextOuts):
             now = time.perf_counter()
             for out in msg.outs:
                 self._on_text(out, now)
         elif isinstance(msg, ErrorOut):
-            h = self.reqs.pop(msg.uid, None)
-            if h is not None:
-                m.running.dec()
-                m.finished.labels("error").inc()
+            if (h := self._end(msg.uid, "error")) is not None:
                 h.queue.put_nowait((h.index, msg))
         elif isinstance(msg, Stats):
             self.beats["scheduler0"] = time.monotonic()
-            m.engine.update(msg.values)
+            self.metrics.engine.update(msg.values)
         elif isinstance(msg, FlushCache):
             if self._flush and not self._flush.done():
                 self._flush.set_result(msg)

@@ -4,8 +4,9 @@ the interactive shell.
 It starts the server's workers (launcher.Workers: scheduler ranks, detokenizer, tokenizer
 workers) and plays the API server's role over the same ZMQ ipc sockets and msgpack messages
 (ipc.py, bridge.py): TokenizeReq/AbortReq to the tokenizer workers, AbortReq to the detokenizer,
-TextOut/ErrorOut back on `api`, Ready on `launcher` (the same ipc.Handshake). Shutdown goes straight to scheduler0,
-which broadcasts it so every rank leaves its loop (no rank is left blocked in a collective).
+TextOut/ErrorOut back on `api`, Ready on `launcher` (the same ipc.Handshake). Shutdown goes
+straight to scheduler0, which broadcasts it so every rank leaves its loop (no rank is left
+blocked in a collective).
 """
 
 from __future__ import annotations

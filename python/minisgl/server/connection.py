@@ -74,7 +74,9 @@ class Gate:
             ok = "*" in self.origins or origin.lower().rstrip("/") in self.origins
         else:
             ok = "*" in self.hosts or (urlsplit(origin).hostname or "") in self.hosts
-        return None if not origin or ok else (403, f"Origin {origin!r} is not allowed (--allowed-origins)")  # fmt: skip
+        if origin and not ok:
+            return 403, f"Origin {origin!r} is not allowed (--allowed-origins)"
+        return None
 
 
 async def wait_disconnect(request: Request) -> None:

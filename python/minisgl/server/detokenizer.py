@@ -76,16 +76,11 @@ class IncrementalDetokenizer:
 
     def step(self, items: list[tuple[int, list[int], bool]]) -> list[str]:
         """`items`: (uid, new token ids, finished). Returns one text delta per item."""
-        if self.tokenizer is None:
-            for uid, _, done in items:
-                if done:
-                    self.states.pop(uid, None)
+        if self.tokenizer is None:  # no states either
             return [""] * len(items)
         states = []
         for uid, new_ids, _ in items:
-            st = self.states.get(uid)
-            if st is None:
-                st = self.states[uid] = _DecodeState()
+            st = self.states.setdefault(uid, _DecodeState())
             st.ids.extend(new_ids)
             states.append(st)
         prefix_texts = self._batch_decode([st.ids[st.prefix : st.read] for st in states])
@@ -165,45 +160,42 @@ class Detokenizer:
 
     def handle_tokens(self, msg: TokenOut) -> list[TextOuts | ErrorOut]:
         n = len(msg.uids)
-        logprobs = msg.logprobs or [None] * n
-        cached = msg.cached or [0] * n
+        logprobs, cached = msg.logprobs or [None] * n, msg.cached or [0] * n
         prompt_lens = msg.prompt_lens or [0] * n
-        # group rows by uid (a request normally appears once per step)
-        order: dict[int, dict[str, Any]] = {}
+        outs: dict[int, TextOut] = {}  # by uid: a request normally appears once per step
         for i, uid in enumerate(msg.uids):
             if uid in self.aborted:
                 if msg.finished[i] is not None:
                     self.aborted.pop(uid, None)
                 continue
-            g = order.get(uid)
-            if g is None:
-                g = order[uid] = {"ids": [], "lps": [], "done": None}
+            out = outs.get(uid)
+            if out is None:
+                out = outs[uid] = TextOut(uid, "", [], None, [], 0, 0)
             token = int(msg.tokens[i])
-            g["ids"].append(token)
-            g["lps"].append(self.inc.render_logprobs(token, logprobs[i]))
-            g["done"] = msg.finished[i]
-            g["cached"], g["prompt_len"] = cached[i], prompt_lens[i]
-        if not order:
+            out.token_ids.append(token)
+            out.logprobs.append(self.inc.render_logprobs(token, logprobs[i]))
+            out.finished, out.cached, out.prompt_len = msg.finished[i], cached[i], prompt_lens[i]
+        if not outs:
             return []
-        items = [(uid, g["ids"], g["done"] is not None) for uid, g in order.items()]
+        items = [(uid, o.token_ids, o.finished is not None) for uid, o in outs.items()]
         try:
             texts: list[str | Exception] = list(self.inc.step(items))
         except Exception:  # one undecodable id must fail its own request, not the worker
             # the states already hold the new ids: decode each request again on its own
             texts = [self._step_one((uid, [], done)) for uid, _, done in items]
-        outs: list[TextOut] = []
         errors: list[TextOuts | ErrorOut] = []
-        for (uid, g), text in zip(order.items(), texts):
+        for uid, text in zip(list(outs), texts):
             if isinstance(text, Exception):
-                logger.error("request %d: cannot detokenize %s: %s", uid, g["ids"][-8:], text)
+                ids = outs.pop(uid).token_ids[-8:]
+                logger.error("request %d: cannot detokenize %s: %s", uid, ids, text)
                 self.inc.drop(uid)
                 self.aborted[uid] = None  # its later tokens are dropped, not decoded again
                 errors.append(
                     ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500)
                 )
             else:
-                outs.append(TextOut(uid, text, g["ids"], g["done"], g["lps"], g["cached"], g["prompt_len"]))  # fmt: skip
-        return ([TextOuts(outs)] if outs else []) + errors
+                outs[uid].text = text
+        return ([TextOuts(list(outs.values()))] if outs else []) + errors
 
     def _step_one(self, item: tuple[int, list[int], bool]) -> str | Exception:
         try:

@@ -147,9 +147,8 @@ class Generation:
         self._unstarted: set[int] = set()  # admitted choices without output (server-wide cap)
         self._active = 0
         self._buffer: deque[tuple[int, Any]] = deque()
-        a = bridge.args
-        self.window = max(1, a.max_running_requests // 4)
-        self.timeout = a.request_timeout
+        self.window = max(1, bridge.args.max_running_requests // 4)
+        self.timeout = bridge.args.request_timeout
         self.deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
 
     def add(
@@ -174,8 +173,8 @@ class Generation:
             flag = "--max-choices" if cap == a.max_choices else "--max-waiting-requests"
             raise ApiError(400, f"{k} choices (prompts x n) in one request; {flag} is {cap}", "n")
         if queued + k > a.max_waiting_requests:
-            raise ApiError(429, f"the server is busy: {queued} choices are waiting for their "
-                           f"first token (--max-waiting-requests {a.max_waiting_requests})")  # fmt: skip
+            raise ApiError(429, f"the server is busy: {queued} choices are waiting for their first "
+                           f"token (--max-waiting-requests {a.max_waiting_requests})")  # fmt: skip
         self.bridge.queued += k
         self._unstarted = set(range(k))
         self._todo = deque(sorted(range(k), key=lambda i: self._specs[i][0]))
@@ -265,12 +264,7 @@ class Generation:
 
     @staticmethod
     def _merge(evs: dict[int, Event], ev: Event | None) -> None:
-        if ev is None:
-            return
-        old = evs.get(ev.choice.index)
-        if old is None:
-            evs[ev.choice.index] = ev
-        else:
+        if ev is not None and (old := evs.setdefault(ev.choice.index, ev)) is not ev:
             old.delta += ev.delta
             old.logprobs = old.logprobs + ev.logprobs
             old.finished = ev.finished
@@ -294,13 +288,8 @@ class Generation:
 
     def usage(self) -> dict[str, Any]:
         """Prompt tokens counted once per prompt (its first choice), outputs summed."""
-        prompt = cached = 0
-        seen: set[int] = set()
-        for c in self.choices:
-            if c.prompt_index not in seen:
-                seen.add(c.prompt_index)
-                prompt += c.prompt_len
-                cached += c.cached
+        firsts = {c.prompt_index: c for c in reversed(self.choices)}.values()
+        prompt, cached = sum(c.prompt_len for c in firsts), sum(c.cached for c in firsts)
         completion = sum(len(c.token_ids) for c in self.choices)
         return {
             "prompt_tokens": prompt,

@@ -18,7 +18,7 @@ from minisgl.messages import STALL_S
 from .generation import ApiError
 from .protocol import DetokenizeRequest, TokenizeRequest
 from .responses import error_response
-from .state import Api, ApiState, parse
+from .state import Api, ApiState
 from .tokenizer import TokenizerWorker
 from .tokenizer import _Reject as Reject
 
@@ -71,9 +71,7 @@ async def model(model_id: str, api: Api) -> JSONResponse:
 
 
 async def _worker(request: Request, api: ApiState, cls: type) -> tuple[Any, TokenizerWorker]:
-    req = parse(cls, await request.body())
-    api.require_ready()
-    api.check_model(req.model)
+    req = await api.accept(cls, request)
     async with api.tokenizer_lock:
         if api.tokenizer is None:
             from .detokenizer import load_tokenizer

@@ -36,22 +36,17 @@ POLL_S = 0.2
 DEATH_GRACE_S = 1.0  # keep answering 503 this long after a crash before exiting
 
 
-def _set_process_name(name: str) -> None:
-    """Shown by ps/top (/proc/PID/comm, 15 bytes at most)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
-    except (OSError, AttributeError):
-        pass
-
-
 def _child_main(kind: str, args: ServerArgs, index: int, limits: Limits) -> None:
     """Entry of every child process."""
     from minisgl.utils import die_with_parent, exit_on_sigterm, setup_logging
 
     short = {"scheduler": f"sched{index}", "detokenizer": "detok"}.get(kind, f"tok{index}")
-    _set_process_name(f"minisgl:{short}")
+    try:  # the name ps/top show (/proc/PID/comm, 15 bytes at most)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(15, f"minisgl:{short}".encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
     die_with_parent(None if kind == "scheduler" else args.zmq_dir)
     exit_on_sigterm()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which stops us
@@ -59,16 +54,15 @@ def _child_main(kind: str, args: ServerArgs, index: int, limits: Limits) -> None
         from minisgl.scheduler.process import run_scheduler
 
         run_scheduler(args, index)
-        return
-    name = "detokenizer" if kind == "detokenizer" else f"tokenizer-{index}"
-    setup_logging(args.log_level, name)
-    if kind == "detokenizer":
+    elif kind == "detokenizer":
         from .detokenizer import run_detokenizer
 
+        setup_logging(args.log_level, "detokenizer")
         run_detokenizer(args)
     else:
         from .tokenizer import run_tokenizer
 
+        setup_logging(args.log_level, f"tokenizer-{index}")
         run_tokenizer(args, index, limits)
 
 
@@ -103,15 +97,10 @@ class Workers:
         a CPU scheduler leaves two cores to the rest. Variables the user set win.
         """
         if kind != "scheduler":
-            env = {
-                "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-                "TOKENIZERS_PARALLELISM": "false",
-            }
+            env = dict(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         elif self.args.resolved_device == "cpu":
-            cores = (
-                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            )
+            affinity = getattr(os, "sched_getaffinity", None)
+            cores = len(affinity(0)) if affinity else os.cpu_count()
             threads = max(1, (cores or 1) // len(self.args.local_ranks) - 2)
             env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         else:
@@ -144,11 +133,8 @@ class Workers:
             jobs.append(("detokenizer", "detokenizer", 0))
             jobs += [(f"tokenizer-{i}", "tokenizer", i) for i in range(self.args.num_tokenizer)]
         for name, kind, index in jobs:
-            p = ctx.Process(
-                target=_child_main,
-                args=(kind, self.args, index, self.limits),
-                name=f"minisgl-{name}",
-            )
+            p = ctx.Process(target=_child_main, args=(kind, self.args, index, self.limits),
+                            name=f"minisgl-{name}")  # fmt: skip
             env = self.child_env(kind)
             os.environ.update(env)
             try:
@@ -213,7 +199,6 @@ def run_server(args: ServerArgs) -> int:
     workers = Workers(args)
     args = workers.args
     bridge = Bridge(args, Metrics(), workers.limits)
-    app = create_app(args, bridge)
     state = {"status": 0, "signal": None}
 
     class Server(uvicorn.Server):
@@ -227,19 +212,13 @@ def run_server(args: ServerArgs) -> int:
                 loop.call_soon_threadsafe(bridge.fail_all, "the server is shutting down", 503)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(
-        app,
-        http=HttpProtocol,
-        host=args.host,
-        port=args.port,
-        # uvicorn's own startup lines ("Uvicorn running on ...") come before the workers are
-        # ready: only `announce` below says where to connect, and only when it is worth it
+    # uvicorn's own startup lines ("Uvicorn running on ...") come before the workers are ready:
+    # only `announce` below says where to connect, and only when it is worth it
+    server = Server(uvicorn.Config(
+        create_app(args, bridge), http=HttpProtocol, host=args.host, port=args.port, lifespan="on",
         log_level=args.log_level if args.log_level != "info" else "warning",
-        access_log=args.log_level == "debug",
-        timeout_graceful_shutdown=1,
-        lifespan="on",
-    )
-    server = Server(config)
+        access_log=args.log_level == "debug", timeout_graceful_shutdown=1,
+    ))  # fmt: skip
 
     def on_signal(sig: int, frame: Any) -> None:
         # before uvicorn takes over the handlers, and again when it re-raises after its exit
@@ -256,28 +235,28 @@ def run_server(args: ServerArgs) -> int:
             return
         logger.info(
             "ready: serving %r at http://%s:%d (context %d tokens, %d tokenizer worker(s), tp %d)",
-            args.model_name, args.host, args.port, workers.limits.max_seq_len, args.num_tokenizer, args.tp,
+            args.model_name, args.host, args.port, workers.limits.max_seq_len, args.num_tokenizer,
+            args.tp,
         )  # fmt: skip
 
     bridge.on_ready.append(announce)
 
     def watchdog() -> None:
-        while not workers.stopping:
-            reason = workers.first_dead()
-            if reason is not None and not workers.stopping:
-                logger.error("%s: stopping the server", reason)
-                state["status"] = 1
-                died = time.monotonic()
-                loop = bridge.loop
-                if loop is not None and not loop.is_closed():
-                    loop.call_soon_threadsafe(bridge.mark_dead, reason)
-                else:
-                    bridge.dead = reason
-                workers.stop()
-                time.sleep(max(0.0, DEATH_GRACE_S - (time.monotonic() - died)))
-                server.should_exit = True
-                return
+        while not workers.stopping and (reason := workers.first_dead()) is None:
             time.sleep(POLL_S)
+        if workers.stopping:
+            return
+        logger.error("%s: stopping the server", reason)
+        state["status"] = 1
+        died = time.monotonic()
+        loop = bridge.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(bridge.mark_dead, reason)
+        else:
+            bridge.dead = reason
+        workers.stop()
+        time.sleep(max(0.0, DEATH_GRACE_S - (time.monotonic() - died)))
+        server.should_exit = True
 
     try:
         logger.info("starting workers (sockets in %s)", workers.dir)

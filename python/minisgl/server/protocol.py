@@ -117,14 +117,13 @@ class _Sampling(SamplingChecks):
     def _openai_choices(
         self, vocab: int, max_n: int, logprobs: int | None, chat: bool
     ) -> list[SamplingParams]:
-        grammar = grammar_for(self, chat)
         bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
         return engine_params(
             self, vocab, max_n, self.seed, max_tokens=self.token_limit, logprobs=logprobs,
             presence_penalty=self.presence_penalty or 0.0, min_p=self.min_p or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0, logit_bias=bias or None,
             repetition_penalty=self.repetition_penalty or 1.0, min_tokens=self.min_tokens,
-            grammar=grammar,
+            grammar=grammar_for(self, chat),
         )  # fmt: skip
 
 
@@ -257,7 +256,7 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
 
     def to_sampling_params(self, vocab: int, max_n: int) -> list[SamplingParams]:
         """One per choice (n)."""
-        top = self.top_logprobs if self.top_logprobs is not None else 0
+        top = self.top_logprobs or 0
         return self._openai_choices(vocab, max_n, top if self.logprobs else None, True)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""Response bodies: OpenAI completions / chat completions (whole and streamed) and native /generate."""
+"""Response bodies: OpenAI completions and chat completions (whole, streamed), native /generate."""
 
 from __future__ import annotations
 
@@ -39,16 +39,16 @@ def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
 # ---- logprobs -------------------------------------------------------------------------------
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode(errors="replace"))}
+
+
 def chat_logprobs(entries: list[Logprob]) -> dict[str, Any]:
     content = []
     for e in entries:
-        alts = [{"token": t, "logprob": v, "bytes": _bytes(t)} for t, v in zip(e.top_texts, e.top_logprobs)]  # fmt: skip
-        content.append({"token": e.text, "logprob": e.logprob, "bytes": _bytes(e.text), "top_logprobs": alts})  # fmt: skip
+        alts = [_token(t, v) for t, v in zip(e.top_texts, e.top_logprobs)]
+        content.append({**_token(e.text, e.logprob), "top_logprobs": alts})
     return {"content": content}
 
 
@@ -82,7 +82,6 @@ class Formatter:
         self.parser = parser or (lambda: ChatParser(False, None))
         self._parsers: dict[int, ChatParser] = {}
         self._offsets: dict[int, int] = {}
-        self._started: set[int] = set()
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -131,12 +130,11 @@ class Formatter:
         try:
             async for ev in gen.events():
                 c = ev.choice
-                first = self.kind == "chat" and c.index not in self._started
+                first = self.kind == "chat" and c.index not in self._parsers  # parsed from now
                 if not (ev.delta or ev.finished or ev.logprobs or first):
                     continue
                 choice: dict[str, Any] = {"index": c.index}
                 if self.kind == "chat":
-                    self._started.add(c.index)
                     delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
                     delta.update(self._parse(c, ev.delta, ev.finished))
                     if not (delta or ev.finished or ev.logprobs):

@@ -72,7 +72,7 @@ class ApiState:
         check_ids(ids, what, self.bridge.limits.vocab_size)
 
     async def accept(self, model: type[BaseModel], request: Request) -> Any:
-        """A generation route's body, parsed, once the server is ready and the model its own."""
+        """A POST route's body, parsed, once the server is ready and the model its own."""
         req = parse(model, await request.body())
         self.require_ready()
         self.check_model(req.model)

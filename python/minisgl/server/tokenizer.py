@@ -66,13 +66,12 @@ class TokenizerWorker:
             params = check_prompt(ids, req.params, self.limits, req.fill)
         except ValueError as e:  # PromptError, or min_tokens beyond a filled max_tokens
             raise _Reject(str(e)) from None
+        if params.grammar and not self.tok:
+            raise _Reject("structured output needs a tokenizer")
         if params.grammar:  # a bad schema is a 400 here, off the scheduler's path
             from minisgl.engine.grammar import check_grammar
 
-            err = (
-                check_grammar(params.grammar) if self.tok else "structured output needs a tokenizer"
-            )
-            if err:
+            if err := check_grammar(params.grammar):
                 raise _Reject(err)
         return UserReq(req.uid, ids, params)
 
@@ -94,12 +93,10 @@ class TokenizerWorker:
                 signal.setitimer(signal.ITIMER_REAL, RENDER_TIMEOUT_S, 0.5)
             try:
                 text = self.tok.apply_chat_template(
-                    payload["messages"],
-                    tools=payload.get("tools"),
-                    tokenize=False,
+                    payload["messages"], tools=payload.get("tools"), tokenize=False,
                     add_generation_prompt=payload.get("add_generation_prompt", True),
                     **payload.get("kwargs", {}),
-                )
+                )  # fmt: skip
             finally:
                 if timed:
                     signal.setitimer(signal.ITIMER_REAL, 0)

@@ -89,7 +89,8 @@ def grammar_for(req: Any, chat: bool) -> list[str] | None:
     if isinstance(mode, dict):  # a named tool
         specs.append(["json", json.dumps(mode.get("parameters") or {"type": "object"})])
     elif mode == "required":
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "parameters"],
+        calls = [{"type": "object", "additionalProperties": False,
+                  "required": ["name", "parameters"],
                   "properties": {"name": {"enum": [t.function.name]},
                                  "parameters": t.function.parameters or {"type": "object"}}}
                  for t in req.tools]  # fmt: skip
@@ -98,8 +99,8 @@ def grammar_for(req: Any, chat: bool) -> list[str] | None:
             schema["maxItems"] = 1
         specs.append(["json", json.dumps(schema)])
     if len(specs) > 1:
-        raise ApiError(400, "give at most one of response_format (json), guided_json, "
-                       "guided_regex, guided_choice and a tool_choice that forces a call")  # fmt: skip
+        forcing = "guided_regex, guided_choice and a tool_choice that forces a call"
+        raise ApiError(400, f"give at most one of response_format (json), guided_json, {forcing}")
     return specs[0] if specs else None
 
 
@@ -149,13 +150,11 @@ class ChatParser:
             content = text
         elif isinstance(self.mode, dict):  # named: the text is the arguments
             content = ""
-            opening = not self.calls
-            if opening:
-                self.calls.append(_call(self.mode["name"], ""))
-            self.calls[0]["function"]["arguments"] += text
-            if opening:  # one entry per call and chunk: some clients do not merge within one
+            if not self.calls:  # one entry per call and chunk: some clients do not merge in one
+                self.calls.append(_call(self.mode["name"], text))
                 new.append(self._delta(self.calls[0]))
             elif text:
+                self.calls[0]["function"]["arguments"] += text
                 new.append({"index": 0, "function": {"arguments": text}})
         elif self.mode == "required":  # a JSON array of calls, complete at the end
             self.buf, content, items = self.buf + text, "", []
