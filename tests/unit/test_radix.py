@@ -187,7 +187,7 @@ def test_lock_inner_node_protects_only_path() -> None:
 def test_check_detects_corruption() -> None:
     cm = RadixCacheManager(2)
     cm.insert([1, 2, 3, 4], idx(0, 1, 2, 3))
-    cm._evictable += 1
+    cm.evictable_tokens += 1
     with pytest.raises(AssertionError):
         cm.check()
 
