@@ -80,17 +80,12 @@ class Engine:
 
         kv_heads = max(1, self.cfg.num_kv_heads // self.tp.size)
         self.num_pages = self._num_pages(kv_heads)
-        # one extra page past the allocator's range: scratch space for padded graph entries
-        self.scratch_page = self.num_pages
+        # one extra page past the allocator's range (page `num_pages`): scratch space for
+        # padded graph entries
         self.pool = KVPool(
-            self.cfg.num_layers,
-            self.num_pages + 1,
-            self.page_size,
-            kv_heads,
-            self.cfg.head_dim,
-            self.dtype,
-            self.device,
-        )
+            self.cfg.num_layers, self.num_pages + 1, self.page_size, kv_heads, self.cfg.head_dim,
+            self.dtype, self.device,
+        )  # fmt: skip
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens, %.2f GiB (%s, %s)",
             self.num_pages, self.page_size, self.num_pages * self.page_size,
@@ -121,7 +116,7 @@ class Engine:
             if max_bs and self.attn.supports_graph:
                 self.graphs = GraphRunner(
                     self.model, self.attn, self.slots, self.next_tokens, max_bs,
-                    scratch_row=self.max_reqs, scratch_slot=self.scratch_page * self.page_size,
+                    scratch_row=self.max_reqs, scratch_slot=self.num_pages * self.page_size,
                     seed=args.seed + 1, poison=self.poison,
                 )  # fmt: skip
             # what exists now lives as long as the process: keep it out of the collector's
