@@ -180,8 +180,6 @@ _GROUPS = {  # --help sections, in this order; every flag is in one
     "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
 }  # fmt: skip
 
-NONE = type(None)
-
 
 def build_parser() -> argparse.ArgumentParser:
     from minisgl import __version__
@@ -210,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             if default not in (None, "") and "default" not in text:
                 text += f" (default: {default})"
-            typ = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not NONE)
+            hint = hints[name]  # X, or X | None: then X
+            typ = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             group.add_argument(flag, type=typ, default=default, required=name == "model", help=text)
     return p
 

@@ -160,7 +160,7 @@ class ErrorOut:
 
 @dataclass
 class Ready:
-    """Worker -> launcher: worker `name` is up (ipc.Handshake); API -> tokenizers: "config"."""
+    """Worker -> launcher: worker `name` is up (ipc.Handshake)."""
 
     TAG: ClassVar[int] = 7
     name: str
@@ -289,9 +289,7 @@ def _record(cls: type) -> Callable[[Any], Any]:
 
 
 _BY_TAG = {cls.TAG: (cls, *_fields(cls)) for cls in get_args(Message)}
-_RECORD_FIELDS = {
-    cls: [f.name for f in dataclasses.fields(cls)] for cls in (SamplingParams, TextOut)
-}
+_RECORD_FIELDS = {cls: _fields(cls)[0] for cls in (SamplingParams, TextOut)}
 
 
 def _pack(obj: Any) -> Any:

@@ -1,4 +1,4 @@
-"""Checkpoint resolution (local dir or HF hub id) and safetensors loading into the model."""
+"""Safetensors loading into the model (a checkpoint's tensor names mapped to our parameters)."""
 
 from __future__ import annotations
 
