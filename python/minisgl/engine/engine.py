@@ -168,12 +168,10 @@ class Engine:
             positions, row_of_token = prefix, rows
         out_loc = np.asarray(batch.out_loc, dtype=np.int64)
         stale_rows, stale_pos, stale_val = self.slots.take_stale()
-        write_rows = np.concatenate([row_of_token, stale_rows])
-        write_pos = np.concatenate([positions, stale_pos])
-        write_val = np.concatenate([out_loc, stale_val])
-        b, t, w = len(rows), len(positions), len(write_rows)
-        packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, write_rows,
-                                 write_pos, write_val])  # fmt: skip
+        b, t, w = len(rows), len(positions), len(positions) + len(stale_rows)
+        # then the slot-table writes: (rows, positions, slots) of the new tokens and stale entries
+        packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, row_of_token, stale_rows,
+                                 positions, stale_pos, out_loc, stale_val])  # fmt: skip
         packed = h2d(torch.from_numpy(packed), self.device)
         d_rows, d_prefix, d_ext, d_seq, d_loc, d_pos, d_wrow, d_wpos, d_wval = packed.split(
             [b, b, b, b, t, t, w, w, w]
