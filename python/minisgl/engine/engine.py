@@ -18,7 +18,7 @@ from ..core import Batch
 from ..distributed import get_tp_info, init_distributed
 from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
-from ..models import ModelConfig, check_architecture, create_model
+from ..models import ModelConfig, create_model
 from ..models.config import resolve_model_path
 from ..models.weights import init_dummy_weights, load_weights
 from ..utils import h2d
@@ -54,7 +54,6 @@ class Engine:
         self.tp = get_tp_info()
         self.model_path = resolve_model_path(args.model)
         self.cfg = ModelConfig.from_dir(self.model_path)
-        check_architecture(self.cfg)
         self.dtype = self._resolve_dtype()
         self.max_seq_len = self.cfg.context_len(args.max_seq_len)
         self.page_size = args.page_size or (1 if self.device == "cpu" else 64)
