@@ -30,14 +30,10 @@ def top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor)
 
 
 def sample(
-    logits: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    generator: torch.Generator | None = None,
-    seeded: list[tuple[int, int]] | None = None,
+    logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+    generator: torch.Generator | None = None, seeded: list[tuple[int, int]] | None = None,
     needs_filter: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """One token per row. Rows with temperature 0 are greedy. `seeded` lists (row, rng seed)
     pairs whose noise comes from their own generator, so they do not depend on the batch."""
     logits = logits.float()

@@ -27,12 +27,9 @@ class RadixNode:
     __slots__ = ("children", "key", "value", "parent", "ref_count", "last_access")
 
     def __init__(
-        self,
-        key: tuple[int, ...],
-        value: np.ndarray,
-        parent: RadixNode | None = None,
+        self, key: tuple[int, ...], value: np.ndarray, parent: RadixNode | None = None,
         last_access: int = 0,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.children: dict[tuple[int, ...], RadixNode] = {}
         # token ids on the edge from `parent` to this node: a tuple of ints, which the garbage
         # collector stops tracking, where a list would be traversed by every collection
