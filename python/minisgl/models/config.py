@@ -69,8 +69,7 @@ class ModelConfig:
                 )
             keep = ("eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
             cfg = {**text, **{k: cfg[k] for k in keep if k in cfg}}
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
         # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
         rope = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0

@@ -207,9 +207,8 @@ class Scheduler:
         log.info("warm-up: compiling the prefill, decode and sampling kernels")
         start, emit, budget = time.perf_counter(), self.on_output, self.prefill_budget
         self.on_output = lambda _msg: None
-        ps, vocab = self.mem.ps, self.engine.cfg.vocab_size
-        n = max(1, min(2 * ps + 3, (self.engine.max_seq_len - 8) // 2))
-        base = [(7 * i + 3) % vocab for i in range(n)]
+        n = max(1, min(2 * self.mem.ps + 3, (self.engine.max_seq_len - 8) // 2))
+        base = [(7 * i + 3) % self.vocab for i in range(n)]
         kinds = [
             dict(temperature=0.0), dict(temperature=0.7), dict(temperature=0.7, seed=1),
             dict(temperature=0.7, top_k=4, top_p=0.9, logprobs=2),
