@@ -27,24 +27,21 @@ class ServerArgs:
     tp: int = _opt(1, "tensor-parallel size over all nodes (one scheduler process per rank)")
     nnodes: int = _opt(1, "number of nodes the TP group spans (node 0 serves HTTP)")
     node_rank: int = _opt(0, "this node's index in [0, --nnodes)")
-    dist_init_addr: str | None = _opt(
-        None, "HOST:PORT of node 0's rendezvous, reachable from every node (--nnodes > 1)"
-    )
+    dist_init_addr: str | None = _opt(None, "HOST:PORT of node 0's rendezvous, "
+        "reachable from every node (--nnodes > 1)")  # fmt: skip
     cache: str = _opt("radix", "prefix cache: radix (reuse shared prefixes) or naive (no reuse)")
     max_prefill_length: int = _opt(16384, "tokens per prefill step; longer prompts are chunked")
     page_size: int | None = _opt(None, "tokens per KV page (default: 1 on CPU, 64 on GPU)")
-    attn: str = _opt(
-        "auto", "attention backend: auto, torch, fi, fa, or a prefill,decode pair like fa,fi"
-    )
+    attn: str = _opt("auto", "attention backend: auto, torch, fi, fa, "
+        "or a prefill,decode pair like fa,fi")  # fmt: skip
     cuda_graph_max_bs: int | None = _opt(None, "largest decode batch captured in a CUDA graph; "
         "0 = no graphs (default: chosen from --max-running-requests, at most 256)")  # fmt: skip
     max_running_requests: int = _opt(256, "cap on requests decoding at once")
     memory_ratio: float = _opt(0.9, "fraction of GPU memory for weights + KV cache")
     num_pages: int | None = _opt(None, "KV pages to allocate (default: sized from "
         "--memory-ratio on GPU, 32768 tokens' worth at most on CPU)")  # fmt: skip
-    max_seq_len: int | None = _opt(
-        None, "longest sequence, prompt + output (default: the model's context length)"
-    )
+    max_seq_len: int | None = _opt(None, "longest sequence, prompt + output "
+        "(default: the model's context length)")  # fmt: skip
     dummy_weight: bool = _opt(False, "random weights: a directory with only config.json runs")
     seed: int = _opt(0, "seed for unseeded sampling and dummy weights")
     # server only
@@ -68,23 +65,18 @@ class ServerArgs:
     max_request_bytes: int = _opt(8 * 1024 * 1024, "largest accepted request body, in bytes")
     max_n: int = _opt(16, "largest accepted n (choices per request)")
     max_choices: int = _opt(256, "largest prompts x n in one request (400 beyond)")
-    max_waiting_requests: int = _opt(
-        1024, "choices without a first token yet, server-wide (429 beyond)"
-    )
-    max_waiting_tokens: int = _opt(
-        1 << 20, "prompt tokens waiting in the scheduler (429 beyond; 0 = no limit)"
-    )
+    max_waiting_requests: int = _opt(1024, "choices without a first token yet, "
+        "server-wide (429 beyond)")  # fmt: skip
+    max_waiting_tokens: int = _opt(1 << 20, "prompt tokens waiting in the scheduler "
+        "(429 beyond; 0 = no limit)")  # fmt: skip
     request_timeout: float = _opt(0.0, "seconds after which a request ends with a 504 (0 = never)")
-    stall_timeout: float = _opt(
-        10.0, "seconds a client may read nothing of its response before it is aborted"
-    )
-    reasoning_parser: str | None = _opt(
-        None, "qwen3: move <think>...</think> into reasoning_content (chat)"
-    )
+    stall_timeout: float = _opt(10.0, "seconds a client may read nothing of its response "
+        "before it is aborted")  # fmt: skip
+    reasoning_parser: str | None = _opt(None, "qwen3: move <think>...</think> into "
+        "reasoning_content (chat)")  # fmt: skip
     temperature: float = _opt(0.0, "sampling temperature of the answers")  # shell's sampling
-    max_tokens: int | None = _opt(
-        None, "max new tokens per answer (default: a quarter of the context, at most 512)"
-    )
+    max_tokens: int | None = _opt(None, "max new tokens per answer "
+        "(default: a quarter of the context, at most 512)")  # fmt: skip
     # internal
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
@@ -180,8 +172,6 @@ _GROUPS = {  # --help sections, in this order; every flag is in one
     "interactive shell (--shell)": ["shell", "temperature", "max_tokens"],
 }  # fmt: skip
 
-NONE = type(None)
-
 
 def build_parser() -> argparse.ArgumentParser:
     from minisgl import __version__
@@ -210,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             if default not in (None, "") and "default" not in text:
                 text += f" (default: {default})"
-            typ = next(t for t in (*typing.get_args(hints[name]), hints[name]) if t is not NONE)
+            hint = hints[name]  # X, or X | None: then X
+            typ = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
             group.add_argument(flag, type=typ, default=default, required=name == "model", help=text)
     return p
 

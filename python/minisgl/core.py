@@ -47,13 +47,13 @@ class SamplingParams:
         def bad(msg: str) -> ValueError:
             return ValueError(f"invalid SamplingParams: {msg}")
 
-        def num(v: Any) -> bool:  # an int or a float, not a bool
-            return isinstance(v, int | float) and not isinstance(v, bool)
+        def num(v: Any, kinds: Any = int | float) -> bool:  # of type `kinds`, not a bool
+            return isinstance(v, kinds) and not isinstance(v, bool)
 
         t = self.temperature
         if not num(t) or not math.isfinite(t) or t < 0:
             raise bad(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool):
+        if not num(self.top_k, int):
             raise bad(f"top_k must be an integer, got {self.top_k!r}")
         if self.top_k == 0 or self.top_k < -1:
             raise bad(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
@@ -61,13 +61,11 @@ class SamplingParams:
         if not num(p) or not (0 < p <= 1):
             raise bad(f"top_p must be in (0, 1], got {p!r}")
         m = self.max_tokens
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        if not num(m, int) or m < 1:
             raise bad(f"max_tokens must be an integer >= 1, got {m!r}")
         if not all(isinstance(i, int) and i >= 0 for i in self.stop_token_ids):
             raise bad(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool)
-        ):
+        if self.seed is not None and not num(self.seed, int):
             raise bad(f"seed must be an integer or None, got {self.seed!r}")
         if not isinstance(self.logprobs, int) or not (-1 <= self.logprobs <= 20):
             raise bad(f"logprobs must be an integer in [-1, 20], got {self.logprobs!r}")

@@ -23,11 +23,6 @@ class TPInfo:
 _TP = TPInfo()
 
 
-def set_tp_info(rank: int, size: int) -> None:
-    global _TP
-    _TP = TPInfo(rank, size)
-
-
 def get_tp_info() -> TPInfo:
     return _TP
 
@@ -35,9 +30,10 @@ def get_tp_info() -> TPInfo:
 def init_distributed(rank: int, size: int, device: str, port: int, host: str = "127.0.0.1") -> None:
     """Join the TP group once per process: on several nodes the scheduler joins first (global
     rank, node 0's address) and the engine's call, with the local rank for the GPU, is a no-op."""
+    global _TP
     if dist.is_initialized():
         return
-    set_tp_info(rank, size)
+    _TP = TPInfo(rank, size)
     if size == 1:
         return
     backend = "nccl" if device == "cuda" else "gloo"

@@ -7,7 +7,7 @@ a worker can start before or after the peers it writes to:
 
   scheduler     scheduler rank 0: UserReq/AbortReq (tokenizers), FlushCache (API), Shutdown
   detokenizer   TokenOut/ErrorOut/Stats/FlushCache (rank 0), AbortReq (API)
-  tokenizer-i   tokenizer worker i: TokenizeReq/AbortReq, Ready("config") (API)
+  tokenizer-i   tokenizer worker i: TokenizeReq/AbortReq (API)
   api           API server or WorkerClient: TextOuts/ErrorOut/Stats/FlushCache, Heartbeats
   launcher      API server or WorkerClient: Ready from every worker
 

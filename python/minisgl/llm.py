@@ -68,10 +68,10 @@ class LLM:
             self._errors[msg.uid] = msg.message
             self._done.add(msg.uid)
             return
-        for i, (uid, tok, fin) in enumerate(zip(msg.uids, msg.tokens, msg.finished)):
+        for uid, tok, fin, lp in zip(msg.uids, msg.tokens, msg.finished, msg.logprobs):
             self._outputs[uid].append(tok)
-            if msg.logprobs[i] is not None:
-                self._logprobs[uid].append(msg.logprobs[i].pairs())
+            if lp is not None:
+                self._logprobs[uid].append(lp.pairs())
             if fin is not None:
                 self._done.add(uid)
 
@@ -137,16 +137,11 @@ class LLM:
             self.scheduler.step()  # drain the step still in flight under overlap
         bar.close()
         self._done.difference_update(uids)
+        got = [(self._outputs.pop(u), self._logprobs.pop(u)) for u in uids]
         errors = [self._errors.pop(u) for u in uids if u in self._errors]
         if errors:
-            for u in uids:
-                self._outputs.pop(u, None)
-                self._logprobs.pop(u, None)
             raise RuntimeError(f"{len(errors)} requests failed: {errors[0]}")
-        return [
-            self._result(p, self._outputs.pop(u), self._logprobs.pop(u))
-            for u, p in zip(uids, params)
-        ]
+        return [self._result(p, ids, lps) for p, (ids, lps) in zip(params, got)]
 
     def _generate_tp(
         self, prompts: list, params: list[SamplingParams], use_tqdm: bool

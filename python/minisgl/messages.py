@@ -13,6 +13,7 @@ workers, the scheduler). Sockets, receive loops and the Ready handshake are in i
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -160,7 +161,7 @@ class ErrorOut:
 
 @dataclass
 class Ready:
-    """Worker -> launcher: worker `name` is up (ipc.Handshake); API -> tokenizers: "config"."""
+    """Worker -> launcher: worker `name` is up (ipc.Handshake)."""
 
     TAG: ClassVar[int] = 7
     name: str
@@ -259,16 +260,11 @@ def _codec(tp: Any) -> Callable[[Any], Any]:
 
 
 def _fields(cls: type) -> tuple[list[str], int, list[Callable[[Any], Any]]]:
-    """A message's or record's field names, how many are required, and their codecs."""
-    hints = get_type_hints(cls)
-    if dataclasses.is_dataclass(cls):
-        fs = dataclasses.fields(cls)
-        names = [f.name for f in fs]
-        required = sum(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-                       for f in fs)  # fmt: skip
-    else:  # NamedTuple
-        names, required = list(cls._fields), len(cls._fields) - len(cls._field_defaults)
-    return names, required, [_codec(hints[n]) for n in names]
+    """A message's or record's field names (its constructor's arguments: dataclass or
+    NamedTuple), how many are required, and their codecs."""
+    hints, params = get_type_hints(cls), inspect.signature(cls).parameters
+    required = sum(p.default is inspect.Parameter.empty for p in params.values())
+    return list(params), required, [_codec(hints[n]) for n in params]
 
 
 def _record(cls: type) -> Callable[[Any], Any]:
@@ -289,9 +285,7 @@ def _record(cls: type) -> Callable[[Any], Any]:
 
 
 _BY_TAG = {cls.TAG: (cls, *_fields(cls)) for cls in get_args(Message)}
-_RECORD_FIELDS = {
-    cls: [f.name for f in dataclasses.fields(cls)] for cls in (SamplingParams, TextOut)
-}
+_RECORD_FIELDS = {cls: _fields(cls)[0] for cls in (SamplingParams, TextOut)}
 
 
 def _pack(obj: Any) -> Any:

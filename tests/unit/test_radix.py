@@ -216,7 +216,7 @@ def test_check_detects_corruption() -> None:
     """check() raises an AssertionError when the evictable-token count disagrees with the tree."""
     cm = RadixCacheManager(2)
     cm.insert([1, 2, 3, 4], idx(0, 1, 2, 3))
-    cm._evictable += 1
+    cm.evictable_tokens += 1
     with pytest.raises(AssertionError):
         cm.check()
 

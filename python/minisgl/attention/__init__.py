@@ -26,14 +26,9 @@ BACKENDS = {"torch": lambda: TorchBackend, "fi": _flashinfer, "fa": _flashattn}
 
 
 def create_backend(
-    name: str,
-    device: str,
-    pool: KVPool,
-    slots: SlotTable,
-    num_heads: int,
-    num_kv_heads: int,
+    name: str, device: str, pool: KVPool, slots: SlotTable, num_heads: int, num_kv_heads: int,
     head_dim: int,
-) -> AttentionBackend:
+) -> AttentionBackend:  # fmt: skip
     if name == "auto":  # FlashInfer where its kernels exist, else the portable backend
         fast = device == "cuda" and head_dim in (64, 128, 256) and pool.k.dtype != torch.float32
         name = "fi" if fast else "torch"

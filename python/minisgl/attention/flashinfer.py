@@ -104,15 +104,16 @@ class FlashInferBackend(AttentionBackend):
             self.active = self.prefill
         else:
             self._plan_decode(self.decode, meta)
-            self.active = self.decode
 
     def _plan_decode(self, wrapper: object, meta: AttnMeta) -> None:
+        """Plan `wrapper` for the decode batch `meta` and make it the one `forward` runs."""
         indptr, indices, last = self._page_indices(meta)
         dtype = self.pool.k.dtype
         wrapper.plan(
             indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.ps,
             sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
         )  # fmt: skip
+        self.active = wrapper
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, layer: int
@@ -134,9 +135,6 @@ class FlashInferBackend(AttentionBackend):
         self.graph_wrappers[bs, buf] = wrapper
         self.meta = meta
         self._plan_decode(wrapper, meta)
-        self.active = wrapper
 
     def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
-        wrapper = self.graph_wrappers[bs, buf]
-        self._plan_decode(wrapper, meta)
-        self.active = wrapper
+        self._plan_decode(self.graph_wrappers[bs, buf], meta)

@@ -18,7 +18,7 @@ from ..core import Batch
 from ..distributed import get_tp_info, init_distributed
 from ..kvcache.pool import KVPool
 from ..kvcache.slots import SlotTable, token_coords
-from ..models import ModelConfig, check_architecture, create_model
+from ..models import ModelConfig, create_model
 from ..models.config import resolve_model_path
 from ..models.weights import init_dummy_weights, load_weights
 from ..utils import h2d
@@ -54,7 +54,6 @@ class Engine:
         self.tp = get_tp_info()
         self.model_path = resolve_model_path(args.model)
         self.cfg = ModelConfig.from_dir(self.model_path)
-        check_architecture(self.cfg)
         self.dtype = self._resolve_dtype()
         self.max_seq_len = self.cfg.context_len(args.max_seq_len)
         self.page_size = args.page_size or (1 if self.device == "cpu" else 64)
@@ -80,17 +79,12 @@ class Engine:
 
         kv_heads = max(1, self.cfg.num_kv_heads // self.tp.size)
         self.num_pages = self._num_pages(kv_heads)
-        # one extra page past the allocator's range: scratch space for padded graph entries
-        self.scratch_page = self.num_pages
+        # one extra page past the allocator's range (page `num_pages`): scratch space for
+        # padded graph entries
         self.pool = KVPool(
-            self.cfg.num_layers,
-            self.num_pages + 1,
-            self.page_size,
-            kv_heads,
-            self.cfg.head_dim,
-            self.dtype,
-            self.device,
-        )
+            self.cfg.num_layers, self.num_pages + 1, self.page_size, kv_heads, self.cfg.head_dim,
+            self.dtype, self.device,
+        )  # fmt: skip
         log.info(
             "KV cache: %d pages x %d tokens = %d tokens, %.2f GiB (%s, %s)",
             self.num_pages, self.page_size, self.num_pages * self.page_size,
@@ -121,7 +115,7 @@ class Engine:
             if max_bs and self.attn.supports_graph:
                 self.graphs = GraphRunner(
                     self.model, self.attn, self.slots, self.next_tokens, max_bs,
-                    scratch_row=self.max_reqs, scratch_slot=self.scratch_page * self.page_size,
+                    scratch_row=self.max_reqs, scratch_slot=self.num_pages * self.page_size,
                     seed=args.seed + 1, poison=self.poison,
                 )  # fmt: skip
             # what exists now lives as long as the process: keep it out of the collector's
@@ -173,12 +167,10 @@ class Engine:
             positions, row_of_token = prefix, rows
         out_loc = np.asarray(batch.out_loc, dtype=np.int64)
         stale_rows, stale_pos, stale_val = self.slots.take_stale()
-        write_rows = np.concatenate([row_of_token, stale_rows])
-        write_pos = np.concatenate([positions, stale_pos])
-        write_val = np.concatenate([out_loc, stale_val])
-        b, t, w = len(rows), len(positions), len(write_rows)
-        packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, write_rows,
-                                 write_pos, write_val])  # fmt: skip
+        b, t, w = len(rows), len(positions), len(positions) + len(stale_rows)
+        # then the slot-table writes: (rows, positions, slots) of the new tokens and stale entries
+        packed = np.concatenate([rows, prefix, ext, seq, out_loc, positions, row_of_token, stale_rows,
+                                 positions, stale_pos, out_loc, stale_val])  # fmt: skip
         packed = h2d(torch.from_numpy(packed), self.device)
         d_rows, d_prefix, d_ext, d_seq, d_loc, d_pos, d_wrow, d_wpos, d_wval = packed.split(
             [b, b, b, b, t, t, w, w, w]

@@ -65,9 +65,6 @@ class GrammarCompiler:
                 tok, vocab_size=cfg.vocab_size, stop_token_ids=cfg.eos_token_ids
             )
             self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        c = self._compiler
-        return (
-            c.compile_json_schema(spec, any_whitespace=False)
-            if kind == "json"
-            else c.compile_regex(spec)
-        )
+        if kind == "json":
+            return self._compiler.compile_json_schema(spec, any_whitespace=False)
+        return self._compiler.compile_regex(spec)

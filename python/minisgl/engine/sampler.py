@@ -30,14 +30,10 @@ def top_k_top_p(probs: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor)
 
 
 def sample(
-    logits: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_ks: torch.Tensor,
-    top_ps: torch.Tensor,
-    generator: torch.Generator | None = None,
-    seeded: list[tuple[int, int]] | None = None,
+    logits: torch.Tensor, temperatures: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor,
+    generator: torch.Generator | None = None, seeded: list[tuple[int, int]] | None = None,
     needs_filter: bool = True,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """One token per row. Rows with temperature 0 are greedy. `seeded` lists (row, rng seed)
     pairs whose noise comes from their own generator, so they do not depend on the batch."""
     logits = logits.float()
@@ -93,21 +89,11 @@ class SamplingInfo:
         )
 
     @functools.cached_property
-    def _values(self) -> torch.Tensor:
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(temperatures, top-k as int64, top-p) on the device, in one copy."""
         vals = torch.tensor([self.temps_host, self.top_ks_host, self.top_ps_host])
-        return h2d(vals.float(), self.device)
-
-    @property
-    def temperatures(self) -> torch.Tensor:
-        return self._values[0]
-
-    @property
-    def top_ks(self) -> torch.Tensor:
-        return self._values[1].long()
-
-    @property
-    def top_ps(self) -> torch.Tensor:
-        return self._values[2]
+        t, k, p = h2d(vals.float(), self.device)
+        return t, k.long(), p
 
     @functools.cached_property
     def seed_rows_vals(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -141,7 +127,7 @@ class Sampler:
             return logits.argmax(dim=-1)
         if triton_ops.available(logits):
             return self._fused(logits, info)
-        t, k, p = info.temperatures, info.top_ks, info.top_ps
+        t, k, p = info.tensors
         return sample(logits, t, k, p, self.generator, info.seeded, info.needs_filter)
 
     def _fused(self, logits: torch.Tensor, info: SamplingInfo) -> torch.Tensor:
@@ -155,11 +141,11 @@ class Sampler:
         if info.seed_rows_vals is not None:
             rows, vals = info.seed_rows_vals
             seeds[rows] = vals
-        tokens = triton_ops.gumbel_sample(logits, info.temperatures, seeds)
+        t, k, p = info.tensors
+        tokens = triton_ops.gumbel_sample(logits, t, seeds)
         if info.needs_filter:
-            filtered = sample(logits, info.temperatures, info.top_ks, info.top_ps,
-                              self.generator, info.seeded)  # fmt: skip
-            tokens = torch.where((info.top_ks > 1) | (info.top_ps < 1.0), filtered, tokens)
+            filtered = sample(logits, t, k, p, self.generator, info.seeded)
+            tokens = torch.where((k > 1) | (p < 1.0), filtered, tokens)
         return tokens
 
 

@@ -22,12 +22,9 @@ from . import triton_ops
 
 
 def fused_moe(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for x [T, H], w13 [E, 2I, H]
     (gate rows, then up rows), w2 [E, H, I]; returns [T, H] in x's dtype."""
     if triton_ops.available(x):
@@ -41,12 +38,9 @@ def fused_moe(
 
 
 def fused_moe_torch(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     k = topk_ids.shape[1]
     flat = topk_ids.flatten()
     order = flat.argsort(stable=True)
@@ -100,13 +94,9 @@ def moe_align(
 
 
 def fused_moe_triton(
-    x: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    config: dict[str, int] | None = None,
-) -> torch.Tensor:
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor, config: dict[str, int] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """`fused_moe` through the kernels; `config` (tile sizes, warps) overrides `_config`'s
     choice, for benchmark/micro/moe_micro.py's sweeps."""
     t, hidden = x.shape

@@ -46,18 +46,10 @@ def fits_qk_norm_rope_store(qkv: torch.Tensor, head_dim: int) -> bool:
 
 
 def qk_norm_rope_store(
-    qkv: torch.Tensor,
-    pos: torch.Tensor,
-    cos_sin: torch.Tensor,
-    q_weight: torch.Tensor | None,
-    k_weight: torch.Tensor | None,
-    eps: float,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    loc: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-) -> torch.Tensor:
+    qkv: torch.Tensor, pos: torch.Tensor, cos_sin: torch.Tensor, q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    loc: torch.Tensor, num_heads: int, num_kv_heads: int,
+) -> torch.Tensor:  # fmt: skip
     """From the fused projection `qkv` ([T, (H + 2 KV) * D]): q/k RMSNorm (when weights are
     given), neox RoPE at `pos`, K and V written to the cache slots `loc`; returns q [T, H, D]."""
     t, d = qkv.shape[0], k_cache.shape[-1]
@@ -76,13 +68,10 @@ def qk_norm_rope_store(
 
 
 def gumbel_sample(
-    logits: torch.Tensor,
-    temps: torch.Tensor,
-    seeds: torch.Tensor,
-    rows: torch.Tensor | None = None,
-    next_tokens: torch.Tensor | None = None,
+    logits: torch.Tensor, temps: torch.Tensor, seeds: torch.Tensor,
+    rows: torch.Tensor | None = None, next_tokens: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor:  # fmt: skip
     """One token per row: argmax for temperature 0, else a draw from softmax(logits / T) whose
     noise depends only on the row's seed (int32) and the column, not on the rest of the batch.
     With `rows`, token i is also stored at `next_tokens[rows[i]]`; with `out` (int64 [n]) the
@@ -107,14 +96,9 @@ def gumbel_sample(
 
 
 def decode_prologue(
-    meta: torch.Tensor,
-    next_tokens: torch.Tensor,
-    slot_table: torch.Tensor,
-    input_ids: torch.Tensor,
-    rows: torch.Tensor,
-    positions: torch.Tensor,
-    out_loc: torch.Tensor,
-) -> None:
+    meta: torch.Tensor, next_tokens: torch.Tensor, slot_table: torch.Tensor, input_ids: torch.Tensor,
+    rows: torch.Tensor, positions: torch.Tensor, out_loc: torch.Tensor,
+) -> None:  # fmt: skip
     """From int32 `meta` rows (request row, position, new slot; [>=3, bs]): int64 `rows`,
     `positions`, `out_loc`, `input_ids[i] = next_tokens[rows[i]]`, and
     `slot_table[rows[i], positions[i]] = out_loc[i]`; one kernel instead of five."""

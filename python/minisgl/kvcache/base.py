@@ -45,13 +45,8 @@ class BaseCacheManager(ABC):
         """Evict unlocked leaves, least recently used first, until at least `num_tokens` are
         freed or nothing evictable is left; return the freed kv indices."""
 
-    @property
-    @abstractmethod
-    def evictable_tokens(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def protected_tokens(self) -> int: ...
+    evictable_tokens = 0  # cached tokens no lock protects, which `evict` may free
+    protected_tokens = 0  # cached tokens on the path of a locked handle
 
     def check(self) -> None:  # noqa: B027 (optional hook, default: nothing to check)
         """Raise AssertionError if internal invariants are broken (used by tests)."""

@@ -27,11 +27,3 @@ class NaiveCacheManager(BaseCacheManager):
 
     def evict(self, num_tokens: int) -> np.ndarray:
         return np.empty(0, dtype=np.int64)
-
-    @property
-    def evictable_tokens(self) -> int:
-        return 0
-
-    @property
-    def protected_tokens(self) -> int:
-        return 0

@@ -11,6 +11,7 @@ Handles returned by `match_prefix` are tree nodes. A split keeps the original no
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -26,12 +27,9 @@ class RadixNode:
     __slots__ = ("children", "key", "value", "parent", "ref_count", "last_access")
 
     def __init__(
-        self,
-        key: tuple[int, ...],
-        value: np.ndarray,
-        parent: RadixNode | None = None,
+        self, key: tuple[int, ...], value: np.ndarray, parent: RadixNode | None = None,
         last_access: int = 0,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.children: dict[tuple[int, ...], RadixNode] = {}
         # token ids on the edge from `parent` to this node: a tuple of ints, which the garbage
         # collector stops tracking, where a list would be traversed by every collection
@@ -40,10 +38,6 @@ class RadixNode:
         self.parent = parent
         self.ref_count = 0  # number of live locks whose path goes through this node
         self.last_access = last_access  # value of the manager's tick counter, not wall time
-
-    @property
-    def is_leaf(self) -> bool:
-        return not self.children
 
     def __repr__(self) -> str:
         return f"RadixNode(len={len(self.key)}, ref={self.ref_count}, t={self.last_access})"
@@ -56,18 +50,8 @@ class RadixCacheManager(BaseCacheManager):
         self.root = RadixNode((), _empty())
         self.root.ref_count = 1  # the root is never evicted nor counted
         self._tick = 0
-        self._evictable = 0
-        self._protected = 0
 
     # ---- queries -------------------------------------------------------------------------
-    @property
-    def evictable_tokens(self) -> int:
-        return self._evictable
-
-    @property
-    def protected_tokens(self) -> int:
-        return self._protected
-
     def match_prefix(self, token_ids: Sequence[int]) -> tuple[RadixNode, np.ndarray]:
         node, _, values = self._walk(self._aligned(token_ids))
         return node, np.concatenate(values) if values else _empty()
@@ -77,8 +61,8 @@ class RadixCacheManager(BaseCacheManager):
         node = handle
         while node is not self.root:
             if node.ref_count == 0:  # first lock moves the node's tokens to the protected side
-                self._evictable -= len(node.key)
-                self._protected += len(node.key)
+                self.evictable_tokens -= len(node.key)
+                self.protected_tokens += len(node.key)
             node.ref_count += 1
             assert node.parent is not None
             node = node.parent
@@ -89,8 +73,8 @@ class RadixCacheManager(BaseCacheManager):
             assert node.ref_count > 0, "unlock without matching lock"
             node.ref_count -= 1
             if node.ref_count == 0:
-                self._protected -= len(node.key)
-                self._evictable += len(node.key)
+                self.protected_tokens -= len(node.key)
+                self.evictable_tokens += len(node.key)
             assert node.parent is not None
             node = node.parent
 
@@ -104,18 +88,16 @@ class RadixCacheManager(BaseCacheManager):
             value = np.array(kv_indices[matched : len(tokens)], dtype=np.int64)
             leaf = RadixNode(tokens[matched:], value, node, self._tick)
             node.children[self._page(leaf.key)] = leaf
-            self._evictable += len(leaf.key)  # a new leaf is unlocked
+            self.evictable_tokens += len(leaf.key)  # a new leaf is unlocked
         return matched
 
     def evict(self, num_tokens: int) -> np.ndarray:
         if num_tokens <= 0:
             return _empty()
         # Heap of unlocked leaves by LRU; the counter breaks ties without comparing nodes.
-        heap = [
-            (n.last_access, i, n) for i, n in enumerate(self._nodes()) if self._evictable_leaf(n)
-        ]
+        tie = itertools.count()
+        heap = [(n.last_access, next(tie), n) for n in self._nodes() if self._evictable_leaf(n)]
         heapq.heapify(heap)
-        seq = len(heap)
         freed: list[np.ndarray] = []
         num_freed = 0
         while heap and num_freed < num_tokens:
@@ -126,10 +108,9 @@ class RadixCacheManager(BaseCacheManager):
             leaf.parent = None
             freed.append(leaf.value)
             num_freed += len(leaf.key)
-            self._evictable -= len(leaf.key)
+            self.evictable_tokens -= len(leaf.key)
             if self._evictable_leaf(parent):  # removing the last child exposes the parent
-                heapq.heappush(heap, (parent.last_access, seq, parent))
-                seq += 1
+                heapq.heappush(heap, (parent.last_access, next(tie), parent))
         return np.concatenate(freed) if freed else _empty()
 
     # ---- invariants ----------------------------------------------------------------------
@@ -153,7 +134,9 @@ class RadixCacheManager(BaseCacheManager):
                 evictable += len(node.key)
             seen.append(node.value)
         assert self.root.parent is None and len(self.root.key) == 0 and self.root.ref_count == 1
-        assert (evictable, protected) == (self._evictable, self._protected), "counter drift"
+        assert (evictable, protected) == (self.evictable_tokens, self.protected_tokens), (
+            "counter drift"
+        )
         if seen:
             all_idx = np.concatenate(seen)
             assert len(np.unique(all_idx)) == len(all_idx), "kv index cached twice"
@@ -167,7 +150,7 @@ class RadixCacheManager(BaseCacheManager):
         return key[: self.page_size]
 
     def _evictable_leaf(self, node: RadixNode) -> bool:
-        return node is not self.root and node.is_leaf and node.ref_count == 0
+        return node is not self.root and not node.children and node.ref_count == 0
 
     def _nodes(self) -> list[RadixNode]:
         """All nodes except the root (iterative DFS: deep trees must not hit the recursion limit)."""

@@ -43,12 +43,9 @@ class Experts(nn.Module):
         return t.narrow(dim, self.tp.rank * self.local, self.local)
 
     def load_gate_up(
-        self,
-        param: torch.Tensor,
-        loaded: torch.Tensor,
-        shard: int | None = None,
+        self, param: torch.Tensor, loaded: torch.Tensor, shard: int | None = None,
         expert: int | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         # fused [E, 2I, H] (gate, then up) or expert `expert`'s gate (shard 0) / up (1) [I, H]
         dst = param.data if expert is None else param.data[expert]
         parts = loaded.chunk(2, dim=-2) if shard is None else [loaded]

@@ -60,8 +60,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], eos_token_ids: list[int] | None = None) -> ModelConfig:
-        archs = cfg.get("architectures") or ["<missing>"]
-        arch = archs[0]
+        arch = (cfg.get("architectures") or ["<missing>"])[0]
         if "text_config" in cfg:  # a vision-language checkpoint: its language model alone
             text = cfg["text_config"]
             if text.get("model_type", "mistral") != "mistral":
@@ -70,19 +69,12 @@ class ModelConfig:
                 )
             keep = ("eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
             cfg = {**text, **{k: cfg[k] for k in keep if k in cfg}}
-        heads = cfg["num_attention_heads"]
-        hidden = cfg["hidden_size"]
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
         # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
         rope = cfg.get("rope_parameters") or {}
         theta = cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0
-        scaling = cfg.get("rope_scaling") or (
-            rope if rope.get("rope_type", "default") != "default" else None
-        )
-        if scaling is not None:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
-            if scaling["rope_type"] == "default":
-                scaling = None
+        scaling = dict(cfg.get("rope_scaling") or (rope if "rope_type" in rope else {}))
+        scaling["rope_type"] = scaling.get("rope_type") or scaling.get("type") or "default"
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         is_qwen2 = arch == "Qwen2ForCausalLM"
         mistral = arch.startswith("Mistral")
@@ -101,7 +93,7 @@ class ModelConfig:
             head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta),
-            rope_scaling=scaling,
+            rope_scaling=None if scaling["rope_type"] == "default" else scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=is_qwen2 or bias,

@@ -98,12 +98,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        pos: torch.Tensor,
+        self, x: torch.Tensor, residual: torch.Tensor | None, pos: torch.Tensor,
         attn: AttentionBackend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:

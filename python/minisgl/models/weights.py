@@ -1,4 +1,4 @@
-"""Checkpoint resolution (local dir or HF hub id) and safetensors loading into the model."""
+"""Safetensors loading into the model (a checkpoint's tensor names mapped to our parameters)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,7 @@ def checkpoint_target(name: str) -> tuple[str, tuple[int, ...]] | None:
         if frag in name:
             name, args = name.replace(frag, fused), (idx,)
             break
-    m = _EXPERT.search(name)
-    if m:
+    if m := _EXPERT.search(name):
         name, args = f"{name[: m.start()]}.experts.{m.group(2)}", (*args, int(m.group(1)))
     return name, args
 

@@ -3,6 +3,7 @@ and broadcasts every incoming message to the other ranks, so all ranks schedule 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from datetime import timedelta
@@ -30,29 +31,20 @@ class _Broadcaster:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
 
     def __call__(self, msgs: list[bytes]) -> list[bytes]:
-        size = torch.tensor(
-            [len(msgs)] + [len(m) for m in msgs] if dist.get_rank() == 0 else [0], dtype=torch.int64
-        )
+        primary = dist.get_rank() == 0
+        # [count, length of each message], after its own length so the other ranks can size it
+        size = torch.tensor([len(msgs), *map(len, msgs)] if primary else [0], dtype=torch.int64)
         n = torch.tensor([len(size)], dtype=torch.int64)
         dist.broadcast(n, 0, group=self.group)
-        if dist.get_rank() != 0:
+        if not primary:
             size = torch.zeros(int(n), dtype=torch.int64)
         dist.broadcast(size, 0, group=self.group)
         lens = size[1:].tolist()
         if not lens:
             return []
-        buf = (
-            torch.frombuffer(bytearray(b"".join(msgs)), dtype=torch.uint8)
-            if msgs
-            else torch.zeros(sum(lens), dtype=torch.uint8)
-        )
-        dist.broadcast(buf, 0, group=self.group)
-        data = buf.numpy().tobytes()
-        out, pos = [], 0
-        for n_ in lens:
-            out.append(data[pos : pos + n_])
-            pos += n_
-        return out
+        buf = bytearray(b"".join(msgs)) if primary else bytearray(sum(lens))
+        dist.broadcast(torch.frombuffer(buf, dtype=torch.uint8), 0, group=self.group)
+        return [bytes(buf[end - k : end]) for k, end in zip(lens, itertools.accumulate(lens))]
 
 
 def run_scheduler(args: ServerArgs, rank: int) -> None:
@@ -95,11 +87,8 @@ def run_scheduler(args: ServerArgs, rank: int) -> None:
         if primary:
             # block briefly when idle; never block while there is work on the device
             if sched.busy or recv.poll(timeout=100):
-                while True:
-                    try:
-                        raw.append(recv.recv(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+                while recv.poll(0):
+                    raw.append(recv.recv())
         if bcast is not None:
             try:
                 raw = bcast(raw)

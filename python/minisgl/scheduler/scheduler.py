@@ -186,10 +186,9 @@ class Scheduler:
         return batch
 
     def _advance(self, batch: Batch) -> None:
-        batch.sample_positions = [r.device_len for r, s in zip(batch.reqs, batch.sample_mask) if s]
-        for r, s in zip(batch.reqs, batch.sample_mask):
-            if s:
-                r.device_len += 1
+        batch.sample_positions = [r.device_len for r in batch.sampled_reqs]
+        for r in batch.sampled_reqs:
+            r.device_len += 1
 
     def _retract(self, req: Req) -> None:
         log.info("KV cache full: retracting request %d (will be recomputed)", req.uid)
@@ -208,9 +207,8 @@ class Scheduler:
         log.info("warm-up: compiling the prefill, decode and sampling kernels")
         start, emit, budget = time.perf_counter(), self.on_output, self.prefill_budget
         self.on_output = lambda _msg: None
-        ps, vocab = self.mem.ps, self.engine.cfg.vocab_size
-        n = max(1, min(2 * ps + 3, (self.engine.max_seq_len - 8) // 2))
-        base = [(7 * i + 3) % vocab for i in range(n)]
+        n = max(1, min(2 * self.mem.ps + 3, (self.engine.max_seq_len - 8) // 2))
+        base = [(7 * i + 3) % self.vocab for i in range(n)]
         kinds = [
             dict(temperature=0.0), dict(temperature=0.7), dict(temperature=0.7, seed=1),
             dict(temperature=0.7, top_k=4, top_p=0.9, logprobs=2),
@@ -240,7 +238,7 @@ class Scheduler:
         if out.tokens is None:
             return
         out.wait()
-        sampled, msg = out.batch.sampled_reqs, TokenOut([], [], [], [], [], [])
+        sampled, rows = out.batch.sampled_reqs, []
         for req, tok, logprob in zip(sampled, out.tokens.tolist(), _logprobs(out, sampled)):
             if req.finished:
                 continue  # stopped (EOS, abort) while this step was already in flight
@@ -249,16 +247,12 @@ class Scheduler:
                 continue
             req.token_ids.append(tok)
             reason = stop_reason(req, self.eos, self.engine.max_seq_len)
-            msg.uids.append(req.uid)
-            msg.tokens.append(tok)
-            msg.finished.append(reason.value if reason else None)
-            msg.logprobs.append(logprob)
-            msg.cached.append(req.prompt_cached)
-            msg.prompt_lens.append(req.prompt_len)
+            fin = reason.value if reason else None
+            rows.append((req.uid, tok, fin, logprob, req.prompt_cached, req.prompt_len))
             if reason is not None:
                 self._finish(req)
-        if msg.uids:
-            self.on_output(msg)
+        if rows:
+            self.on_output(TokenOut(*map(list, zip(*rows))))  # a row per token, in field order
 
     def _share_chunks(self, b: Batch) -> None:
         for req, p, e, s in zip(b.reqs, b.prefix_lens, b.extend_lens, b.sample_mask):
