@@ -186,8 +186,9 @@ class Scheduler:
         return batch
 
     def _advance(self, batch: Batch) -> None:
-        batch.sample_positions = [r.device_len for r in batch.sampled_reqs]
-        for r in batch.sampled_reqs:
+        sampled = batch.sampled_reqs  # a property that builds its list: once per step
+        batch.sample_positions = [r.device_len for r in sampled]
+        for r in sampled:
             r.device_len += 1
 
     def _retract(self, req: Req) -> None:
