@@ -1,0 +1,83 @@
+"""FlashInfer's tensor-core decode as the engine runs it (a CUDA-graph wrapper, captured in a
+graph) with its default plan against `disable_split_kv=True`, and against the eager plan that
+`attn_micro.py` times. In graph mode the FA2 plan always takes the split-KV path (its grid is
+sized for 2 CTAs per SM) and adds a merge kernel; with 8 KV heads a batch of 64+ requests
+already gives 512+ CTAs, so one CTA per (request, KV head) may be the faster plan there.
+Every variant's output is checked against the eager plan's before it is timed.
+
+    python benchmark/micro/attn_graph.py [QUERY_HEADS]   # 16 (0.6B, group 2) or 32 (8B, group 4)
+"""
+
+from __future__ import annotations
+
+import sys
+
+import flashinfer
+import torch
+
+H, KV, D, PS = int(sys.argv[1]) if len(sys.argv) > 1 else 16, 8, 128, 64
+REPS = 10  # runs per captured graph, so the graph's own launch is amortised
+
+
+def time_graph(fn) -> float:  # noqa: ANN001
+    """us per call of `fn`, captured REPS times in one CUDA graph, median of 20 replays."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPS):
+            fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] * 1e3 / REPS
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    ws = torch.zeros(256 << 20, dtype=torch.uint8, device="cuda")
+    for bs, lo, hi in [(256, 300, 900), (256, 600, 1400), (170, 600, 1400), (128, 600, 1400),
+                       (64, 900, 1100), (32, 300, 1000), (16, 300, 1000)]:  # fmt: skip
+        lens = torch.randint(lo, hi, (bs,))
+        pages = (lens + PS - 1) // PS
+        total = int(pages.sum())
+        k = torch.randn(total + 1, PS, KV, D, dtype=bf, device="cuda")
+        v = torch.randn_like(k)
+        indptr = torch.zeros(bs + 1, dtype=torch.int32)
+        indptr[1:] = pages.cumsum(0)
+        indices = torch.randperm(total, dtype=torch.int32, device="cuda")
+        last = (lens - (pages - 1) * PS).int()
+        q = torch.randn(bs, H, D, dtype=bf, device="cuda")
+        gbytes = int(lens.sum()) * KV * D * 2 * 2 / 1e9
+        row = f"H={H} bs={bs:3d} ctx~{int(lens.float().mean()):4d} KV={gbytes * 1e3:6.1f}MB:"
+        eager = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            ws, "NHD", use_tensor_cores=True, backend="fa2"
+        )
+        eager.plan(indptr, indices, last, H, KV, D, PS, q_data_type=bf)
+        ref = eager.run(q, (k, v))
+        us = time_graph(lambda w=eager, q=q, kv=(k, v): w.run(q, kv))
+        row += f"  eager-plan {us:6.1f}us {gbytes / us * 1e3:4.2f}TB/s"
+        for no_split in (False, True):
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                ws, "NHD", use_cuda_graph=True, use_tensor_cores=True, backend="fa2",
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device="cuda"),
+                paged_kv_indices_buffer=torch.zeros(total, dtype=torch.int32, device="cuda"),
+                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device="cuda"),
+            )  # fmt: skip
+            w.plan(indptr, indices, last, H, KV, D, PS, q_data_type=bf, disable_split_kv=no_split)
+            err = (w.run(q, (k, v)).float() - ref.float()).abs().max().item()
+            assert err < 2e-2, err
+            us = time_graph(lambda w=w, q=q, kv=(k, v): w.run(q, kv))
+            name = "graph-nosplit" if no_split else "graph-split"
+            row += f"  {name} {us:6.1f}us {gbytes / us * 1e3:4.2f}TB/s"
+        print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
