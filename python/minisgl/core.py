@@ -168,6 +168,7 @@ class Batch:
     out_loc: Any  # KV slot of every new token (list or int64 numpy array)
     input_ids: list[int] | None = None  # new tokens' ids (prefill); decode reads them on the device
     sample_positions: list[int] = field(default_factory=list)  # position of each sampled token
+    kv_copy: tuple[Any, Any] | None = None  # (source, destination) KV slots to copy first
 
     @property
     def size(self) -> int:

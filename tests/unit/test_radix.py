@@ -84,6 +84,24 @@ def test_page_size_4_ignores_partial_pages() -> None:
     cm.check()
 
 
+def test_match_partial_finds_the_head_of_a_cached_page() -> None:
+    """Past a page-aligned match, `match_partial` returns the longest head (under a page) of the
+    rest that a child page starts with, from the longer of two children, and its slots; nothing
+    where no child shares the first token; the tree is left unchanged (no split, no lock)."""
+    cm = RadixCacheManager(4)
+    cm.insert([0, 1, 2, 3, 4, 5, 6, 7], arange(100, 8))
+    cm.insert([0, 1, 2, 3, 4, 9, 9, 9], arange(200, 8))
+    handle, got = cm.match_prefix([0, 1, 2, 3, 4, 5, 6, 99])
+    assert got.tolist() == [100, 101, 102, 103]
+    node, part = cm.match_partial(handle, [4, 5, 6, 99])
+    assert part.tolist() == [104, 105, 106] and node.key == (4, 5, 6, 7)
+    assert cm.match_partial(handle, [4, 9])[1].tolist() == [204, 205]
+    assert len(cm.match_partial(handle, [8, 5, 6])[1]) == 0
+    assert len(cm.match_partial(handle, [])[1]) == 0
+    assert cm.protected_tokens == 0
+    cm.check()
+
+
 def test_split_in_middle_preserves_indices() -> None:
     """A match that ends inside a node splits it at the page boundary: the handle is the prefix half
     under the root, the suffix half keeps its own kv indices, and the full sequence still matches

@@ -24,6 +24,11 @@ class BaseCacheManager(ABC):
         The handle must be locked (`lock`) before the scheduler relies on the indices.
         """
 
+    def match_partial(self, handle: Any, token_ids: list[int]) -> tuple[Any, np.ndarray]:
+        """(handle to lock, kv indices) of cached tokens that start `token_ids` but fill less
+        than a page past `handle`'s prefix; the default: none."""
+        return handle, np.empty(0, dtype=np.int64)
+
     @abstractmethod
     def lock(self, handle: Any) -> None:
         """Protect the path from the root to `handle` against eviction (reference counted)."""

@@ -25,6 +25,11 @@ class KVPool:
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
+    def copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """KV of slots `src` into slots `dst`, every layer (one gather and one scatter each)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
     def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (self.num_pages, self.page_size, *self.k.shape[2:])
         return self.k[layer].view(shape), self.v[layer].view(shape)

@@ -56,6 +56,20 @@ class RadixCacheManager(BaseCacheManager):
         node, _, values = self._walk(self._aligned(token_ids))
         return node, np.concatenate(values) if values else _empty()
 
+    def match_partial(
+        self, handle: RadixNode, token_ids: Sequence[int]
+    ) -> tuple[RadixNode, np.ndarray]:
+        """The longest head, shorter than a page, of `token_ids` that a child of `handle` starts
+        with: (that child, the head's kv slots). Pages are shared whole, so the caller copies
+        these slots into a page of its own instead of recomputing them. A node's first 64
+        children are compared, which bounds the cost at a node with thousands of them."""
+        best, head = (handle, _empty()), tuple(token_ids[: self.page_size - 1])
+        for child in itertools.islice(handle.children.values(), 64) if head else ():
+            n = next((i for i, (a, b) in enumerate(zip(head, child.key)) if a != b), len(head))
+            if n > len(best[1]):
+                best = child, child.value[:n]
+        return best
+
     # ---- locking -------------------------------------------------------------------------
     def lock(self, handle: RadixNode) -> None:
         node = handle

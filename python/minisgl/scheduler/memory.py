@@ -23,6 +23,7 @@ class ReqMemory:
         self.cache = create_cache_manager(cache, self.ps)
         self.sharing = cache != "naive"
         self.free_rows = list(range(engine.max_reqs - 1, -1, -1))
+        self.copies: list[tuple[object, np.ndarray, np.ndarray]] = []  # (handle, src, dst) slots
         # the slot table's host copy (`slots.np`) is the truth; the device copy follows per step
         self.slots = engine.slots
 
@@ -45,19 +46,41 @@ class ReqMemory:
     def admit(self, req: Req, extend: int, reserve: int) -> bool:
         """Give `req` a row, its cached prefix and pages for its first `extend` new tokens
         (plus `reserve` spare pages for the running batch); False leaves everything as it was."""
-        handle, prefix = self.cache.match_prefix(req.token_ids[: req.device_len - 1])
-        self.cache.lock(handle)
+        ids = req.token_ids[: req.device_len - 1]
+        handle, prefix = self.cache.match_prefix(ids)
         hit = len(prefix)
-        extend = min(extend, req.device_len - hit)
-        if not self.free_rows or not self.ensure_free(_cdiv(extend, self.ps) + reserve):
-            self.cache.unlock(handle)
+        # the head of the next page, where a cached page starts with it, is copied (all
+        # layers, one gather per batch: `take_copies`) into a page of the request's own
+        part_handle, part = self.cache.match_partial(handle, ids[hit:])
+        # the source stays locked until its copy is queued, so no admission reuses its page
+        locks = [handle, part_handle] if len(part) else [handle]
+        for h in locks:
+            self.cache.lock(h)
+        extend = min(extend, req.device_len - hit - len(part))
+        if not self.free_rows or not self.ensure_free(_cdiv(len(part) + extend, self.ps) + reserve):
+            for h in locks:
+                self.cache.unlock(h)
             return False
-        req.table_idx = self.free_rows.pop()
-        req.cache_handle, req.cache_hit, req.cached_len = handle, hit, hit
-        if hit:
-            self.slots.np[req.table_idx, :hit] = prefix
-            self.slots.mark_stale(req.table_idx, 0, hit)
+        row = req.table_idx = self.free_rows.pop()
+        req.cache_handle, req.cache_hit, req.cached_len = handle, hit, hit + len(part)
+        self.slots.np[row, :hit] = prefix
+        if len(part):
+            dst = self.pages.alloc(1)[0] * self.ps + np.arange(len(part))
+            self.slots.np[row, hit : hit + len(part)] = dst
+            self.copies.append((part_handle, part, dst))
+        self.slots.mark_stale(row, 0, req.cached_len)
         return True
+
+    def take_copies(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(source, destination) KV slots of the partial pages admitted since the last call; the
+        caller queues the copy before anything can reuse a source page."""
+        if not self.copies:
+            return None
+        handles, src, dst = zip(*self.copies)
+        self.copies.clear()
+        for h in handles:
+            self.cache.unlock(h)
+        return np.concatenate(src), np.concatenate(dst)
 
     def extend(self, req: Req, n: int) -> list[int]:
         """Allocate KV slots for positions [cached_len, cached_len + n) of `req`."""

@@ -148,7 +148,7 @@ class Scheduler:
             self.waiting_tokens -= len(req.token_ids)
             self.running.append(req)
             if req.prompt_cached < 0:
-                req.prompt_cached = min(req.cache_hit, req.prompt_len)
+                req.prompt_cached = min(req.cached_len, req.prompt_len)
                 self.counters["prefix_hit_tokens"] += req.prompt_cached
             n = min(req.extend_len, budget)
             take(req, n)
@@ -159,6 +159,7 @@ class Scheduler:
         sample = [r.cached_len == r.device_len for r in reqs]  # False: the budget ran out
         self.chunked = next((r for r, done in zip(reqs, sample) if not done), None)
         batch = Batch(reqs, True, extends, prefix, sample, out_loc, input_ids)
+        batch.kv_copy = self.mem.take_copies()
         self._advance(batch)
         self.counters["prefill_tokens"] += sum(extends)
         return batch
