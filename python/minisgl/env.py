@@ -18,7 +18,6 @@ VARS = {  # name -> (the value --help shows, help)
     "MINISGL_DISABLE_FUSED": ("=1", "torch ops, not FlashInfer's fused norm/activation/RoPE"),
     "MINISGL_FI_TENSOR_CORES": ("=0|1", "tensor-core FlashInfer decode (default: 1 at 2+ q/kv)"),
     "MINISGL_FI_DECODE_BACKEND": ("", "that decode kernel's FlashInfer backend (default: fa2)"),
-    "MINISGL_FI_WHOLE_KV_FROM": ("", "graph batch from which decode skips split-KV (default: 64)"),
     "MINISGL_DEBUG_POISON": ("=1", "debug: NaN-filled KV pool and sentinels (docs/correctness.md)"),
     "MINISGL_QK_HEADS": ("", "heads per program of the q/k-norm+RoPE kernel (default: 8)"),
     "MINISGL_QK_WARPS": ("", "warps per program of that kernel (default: 4)"),
@@ -73,10 +72,6 @@ def fi_tensor_cores(default: bool) -> bool:
 
 def fi_decode_backend() -> str:
     return _raw("MINISGL_FI_DECODE_BACKEND") or "fa2"
-
-
-def fi_whole_kv_from() -> int:
-    return integer("MINISGL_FI_WHOLE_KV_FROM", 64)
 
 
 def debug_poison() -> bool:

@@ -97,8 +97,7 @@ def test_staggered_bf16_graphs_on_off_agree(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(c) bf16 FlashInfer: the decode graphs give the eager engine's greedy tokens under the
-    same load (same batches: overlap on in both), with buckets from 16 up planned without
-    split-KV (MINISGL_FI_WHOLE_KV_FROM), and in the poison debug mode too."""
+    same load (same batches: overlap on in both), and in the poison debug mode too."""
     from test_gpu import _hf_init_model
 
     path = _hf_init_model(tmp_path_factory, "qwen3_hd128_load", "Qwen3", hidden_size=256,
@@ -106,9 +105,6 @@ def test_staggered_bf16_graphs_on_off_agree(
     kw = dict(device="cuda", dtype="bfloat16", attn="fi")
     eager = _staggered(path, monkeypatch, True, cuda_graph_max_bs=0, **kw)
     assert _staggered(path, monkeypatch, True, cuda_graph_max_bs=48, **kw) == eager
-    monkeypatch.setenv("MINISGL_FI_WHOLE_KV_FROM", "16")
-    assert _staggered(path, monkeypatch, True, cuda_graph_max_bs=48, **kw) == eager
-    monkeypatch.delenv("MINISGL_FI_WHOLE_KV_FROM")
     monkeypatch.setenv("MINISGL_DEBUG_POISON", "1")
     assert _staggered(path, monkeypatch, True, cuda_graph_max_bs=48, **kw) == eager
 

@@ -105,15 +105,13 @@ class FlashInferBackend(AttentionBackend):
         else:
             self._plan_decode(self.decode, meta)
 
-    def _plan_decode(self, wrapper: object, meta: AttnMeta, whole: bool = False) -> None:
-        """Plan `wrapper` for the decode batch `meta` and make it the one `forward` runs;
-        `whole`: one CTA per (request, KV head), no split-KV and no merge kernel."""
+    def _plan_decode(self, wrapper: object, meta: AttnMeta) -> None:
+        """Plan `wrapper` for the decode batch `meta` and make it the one `forward` runs."""
         indptr, indices, last = self._page_indices(meta)
         dtype = self.pool.k.dtype
         wrapper.plan(
             indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.ps,
             sm_scale=self.scale, q_data_type=dtype, kv_data_type=dtype,
-            **({"disable_split_kv": True} if whole else {}),
         )  # fmt: skip
         self.active = wrapper
 
@@ -126,9 +124,6 @@ class FlashInferBackend(AttentionBackend):
     # -- CUDA graphs ------------------------------------------------------------------------
     def init_graph(self, max_bs: int) -> None:
         self.max_graph_pages = self.pool.num_pages + max_bs
-        # in graph mode FlashInfer's FA2 plan always splits the KV (a grid for 2 CTAs per SM)
-        # and merges; from this bucket up the batch alone fills the GPU (benchmarks.md, session 8)
-        self.whole_from = env.fi_whole_kv_from() if self.tensor_cores else max_bs + 1
 
     def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         dev = self.pool.k.device
@@ -139,7 +134,7 @@ class FlashInferBackend(AttentionBackend):
         )  # fmt: skip
         self.graph_wrappers[bs, buf] = wrapper
         self.meta = meta
-        self._plan_decode(wrapper, meta, bs >= self.whole_from)
+        self._plan_decode(wrapper, meta)
 
     def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
-        self._plan_decode(self.graph_wrappers[bs, buf], meta, bs >= self.whole_from)
+        self._plan_decode(self.graph_wrappers[bs, buf], meta)
