@@ -9,7 +9,9 @@ workload's draws). The model directory needs a word-level tokenizer whose token 
 `t{i}` (benchmark/online/dummy_tokenizer.py, ../shared/peer/make_model_dir.py): a prompt is
 those words, and every streamed word is one output token, so the output is verified exactly:
 each request must stream exactly `max_tokens` words `t{i}` with i < vocab. A run with any
-wrong output prints why and exits with status 3 instead of a figure.
+wrong output prints why and exits with status 3 instead of a figure. `--length-slack N`
+accepts streams up to N tokens short and says so in the title: the reference server's streams
+end one token before `max_tokens` (docs/benchmarks.md), so its figure is only measurable so.
 """
 
 from __future__ import annotations
@@ -84,14 +86,14 @@ async def send(
     return res, "".join(text)
 
 
-def check(text: str, max_tokens: int, vocab: int) -> str:
+def check(text: str, max_tokens: int, vocab: int, slack: int = 0) -> str:
     """Why this output is wrong, or ''."""
     words = WORD.findall(text)
     if WORD.sub("", text).strip():
         return f"text that is no token of the vocabulary: {WORD.sub('', text).strip()[:40]!r}"
     if any(int(w) >= vocab for w in words):
         return f"ids outside [0, {vocab})"
-    if len(words) != max_tokens:
+    if not max_tokens - slack <= len(words) <= max_tokens:
         return f"{len(words)} tokens instead of {max_tokens}"
     return ""
 
@@ -118,7 +120,7 @@ async def run(args: argparse.Namespace) -> tuple[list[Any], list[str], float]:
     results, texts = [r for r, _ in out], [x for _, x in out]
     for r, x, (_, n) in zip(results, texts, reqs):
         r.output_tokens = len(WORD.findall(x))
-        if r.ok and (why := check(x, n, args.vocab)):
+        if r.ok and (why := check(x, n, args.vocab, args.length_slack)):
             r.ok, r.error = False, why
     return results, texts, duration
 
@@ -137,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--length-slack", type=int, default=0, help="accept streams this much short")
     p.add_argument("--label", default="")
     p.add_argument("--json", default="", help="write the summary here")
     args = p.parse_args(argv)
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results, _, duration = asyncio.run(run(args))
     summary = bs.summarize(results, duration)
     title = args.label or f"chat, rate {args.rate}, T={args.temperature}"
+    if args.length_slack:
+        short = sum(r.output_tokens < r.requested for r in results)
+        title += f" (length slack {args.length_slack}: {short} of {len(results)} streams short)"
     if summary["failed"]:
         print(f"{title}: WRONG OUTPUT or errors in {summary['failed']} requests, no figure:")
         for e in summary["errors"]:
