@@ -11,9 +11,13 @@ Every variant's output is checked against the eager plan's before it is timed.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import flashinfer
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from attn_micro import paged_batch  # noqa: E402
 
 H, KV, D, PS = int(sys.argv[1]) if len(sys.argv) > 1 else 16, 8, 128, 64
 REPS = 10  # runs per captured graph, so the graph's own launch is amortised
@@ -45,16 +49,8 @@ def main() -> None:
     for bs, lo, hi in [(256, 300, 900), (256, 600, 1400), (170, 600, 1400), (128, 600, 1400),
                        (64, 900, 1100), (32, 300, 1000), (16, 300, 1000)]:  # fmt: skip
         lens = torch.randint(lo, hi, (bs,))
-        pages = (lens + PS - 1) // PS
+        q, k, v, indptr, indices, last, pages, gbytes = paged_batch(lens, PS, H)
         total = int(pages.sum())
-        k = torch.randn(total + 1, PS, KV, D, dtype=bf, device="cuda")
-        v = torch.randn_like(k)
-        indptr = torch.zeros(bs + 1, dtype=torch.int32)
-        indptr[1:] = pages.cumsum(0)
-        indices = torch.randperm(total, dtype=torch.int32, device="cuda")
-        last = (lens - (pages - 1) * PS).int()
-        q = torch.randn(bs, H, D, dtype=bf, device="cuda")
-        gbytes = int(lens.sum()) * KV * D * 2 * 2 / 1e9
         row = f"H={H} bs={bs:3d} ctx~{int(lens.float().mean()):4d} KV={gbytes * 1e3:6.1f}MB:"
         eager = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             ws, "NHD", use_tensor_cores=True, backend="fa2"

@@ -33,6 +33,22 @@ def bench(fn, iters: int = 30) -> float:  # noqa: ANN001
     return sorted(times)[len(times) // 2] * 1e3  # us
 
 
+def paged_batch(lens: torch.Tensor, ps: int, heads: int) -> tuple:
+    """Random bf16 K/V holding `lens` tokens per request in shuffled pages of `ps` tokens, and one
+    query per request: (q, k, v, indptr, indices, last-page lengths, pages, GB of KV read)."""
+    bf = torch.bfloat16
+    pages = (lens + ps - 1) // ps
+    total = int(pages.sum())
+    k = torch.randn(total + 1, ps, KV, D, dtype=bf, device="cuda")
+    v = torch.randn_like(k)
+    indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    indptr[1:] = pages.cumsum(0)
+    indices = torch.randperm(total, dtype=torch.int32, device="cuda")
+    last = (lens - (pages - 1) * ps).int()
+    q = torch.randn(len(lens), heads, D, dtype=bf, device="cuda")
+    return q, k, v, indptr, indices, last, pages, int(lens.sum()) * KV * D * 2 * 2 / 1e9
+
+
 def main() -> None:
     torch.manual_seed(0)
     bf = torch.bfloat16
@@ -44,16 +60,7 @@ def main() -> None:
     for bs, lo, hi in [(170, 600, 1400), (256, 300, 900), (64, 900, 1100), (16, 300, 1000)]:
         lens = torch.randint(lo, hi, (bs,))
         for ps in (64, 128, 256):
-            pages = (lens + ps - 1) // ps
-            total = int(pages.sum())
-            k = torch.randn(total + 1, ps, KV, D, dtype=bf, device="cuda")
-            v = torch.randn_like(k)
-            indptr = torch.zeros(bs + 1, dtype=torch.int32)
-            indptr[1:] = pages.cumsum(0)
-            indices = torch.randperm(total, dtype=torch.int32, device="cuda")
-            last = (lens - (pages - 1) * ps).int()
-            q = torch.randn(bs, H, D, dtype=bf, device="cuda")
-            gbytes = int(lens.sum()) * KV * D * 2 * 2 / 1e9
+            q, k, v, indptr, indices, last, pages, gbytes = paged_batch(lens, ps, H)
             row = (
                 f"bs={bs:3d} ctx~{int(lens.float().mean()):4d} ps={ps:3d} KV={gbytes * 1e3:6.1f}MB:"
             )
