@@ -116,23 +116,17 @@ class ServerArgs:
             need(v is None or v >= low, f"--{flag} must be >= {low} (leave it out for the "
                  f"default), got {v}")  # fmt: skip
         need(self.max_running_requests >= 1, "--max-running-requests must be >= 1")
-        need(
-            0 < self.memory_ratio <= 1, f"--memory-ratio must be in (0, 1], got {self.memory_ratio}"
-        )
+        need(0 < self.memory_ratio <= 1,
+             f"--memory-ratio must be in (0, 1], got {self.memory_ratio}")  # fmt: skip
         need(1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}")
         need(self.num_tokenizer >= 1, "--num-tokenizer must be >= 1")
-        need(
-            self.max_n >= 1 and self.max_request_bytes >= 1024,
-            "--max-n / --max-request-bytes too small",
-        )
-        need(
-            min(self.max_choices, self.max_waiting_requests) >= 1 and self.max_waiting_tokens >= 0,
-            "--max-choices / --max-waiting-requests must be >= 1, --max-waiting-tokens >= 0",
-        )
-        need(
-            self.request_timeout >= 0 and self.stall_timeout > 0,
-            "--request-timeout must be >= 0 and --stall-timeout > 0",
-        )
+        need(self.max_n >= 1 and self.max_request_bytes >= 1024,
+             "--max-n / --max-request-bytes too small")  # fmt: skip
+        need(min(self.max_choices, self.max_waiting_requests) >= 1 and self.max_waiting_tokens >= 0,
+             "--max-choices / --max-waiting-requests must be >= 1, "
+             "--max-waiting-tokens >= 0")  # fmt: skip
+        need(self.request_timeout >= 0 and self.stall_timeout > 0,
+             "--request-timeout must be >= 0 and --stall-timeout > 0")  # fmt: skip
 
     def __repr__(self) -> str:  # the API key never reaches a log
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}

@@ -15,10 +15,6 @@ class TPInfo:
     rank: int = 0
     size: int = 1
 
-    @property
-    def is_primary(self) -> bool:
-        return self.rank == 0
-
 
 _TP = TPInfo()
 

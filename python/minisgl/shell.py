@@ -76,13 +76,9 @@ class Shell:
         self.out.flush()
 
     def build_prompt(self, line: str) -> str:
-        if self.chat:
-            msgs = [
-                {"role": role, "content": text}
-                for turn in self.turns
-                for role, text in zip(("user", "assistant"), turn)
-            ]
-            msgs.append({"role": "user", "content": line})
+        if self.chat:  # every input and answer so far, then this input
+            msgs = [{"role": role, "content": text} for turn in [*self.turns, (line,)]
+                    for role, text in zip(("user", "assistant"), turn)]  # fmt: skip
             return json.dumps({"messages": msgs, "add_generation_prompt": True})
         text = ""  # plain continuation: every input and answer so far, then this input
         for said, answer in [*self.turns, (line, "")]:

@@ -74,7 +74,7 @@ class Engine:
         if args.dummy_weight:
             init_dummy_weights(self.model, args.seed)
         else:
-            load_weights(self.model, self.model_path, show_progress=self.tp.is_primary)
+            load_weights(self.model, self.model_path, show_progress=self.tp.rank == 0)
         self.model.eval()
 
         kv_heads = max(1, self.cfg.num_kv_heads // self.tp.size)

@@ -9,14 +9,10 @@ from .llama import LlamaForCausalLM
 
 # all are the Llama decoder with q/k/v bias, per-head q/k norm or expert MLPs (see ModelConfig);
 # Mistral3ForConditionalGeneration loads its language model only
-MODEL_REGISTRY: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Mistral3ForConditionalGeneration": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-    "Qwen3MoeForCausalLM": LlamaForCausalLM,
-}
+MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(
+    ["LlamaForCausalLM", "MistralForCausalLM", "Mistral3ForConditionalGeneration",
+     "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"], LlamaForCausalLM,
+)  # fmt: skip
 
 
 def check_architecture(cfg: ModelConfig) -> None:

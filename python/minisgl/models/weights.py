@@ -13,13 +13,9 @@ from torch import nn
 from tqdm import tqdm
 
 # HF name fragment -> (our fused parameter fragment, shard index)
-_FUSED = {
-    ".q_proj.": (".qkv_proj.", 0),
-    ".k_proj.": (".qkv_proj.", 1),
-    ".v_proj.": (".qkv_proj.", 2),
-    ".gate_proj.": (".gate_up_proj.", 0),
-    ".up_proj.": (".gate_up_proj.", 1),
-}
+_FUSED = {".q_proj.": (".qkv_proj.", 0), ".k_proj.": (".qkv_proj.", 1),
+          ".v_proj.": (".qkv_proj.", 2), ".gate_proj.": (".gate_up_proj.", 0),
+          ".up_proj.": (".gate_up_proj.", 1)}  # fmt: skip
 # the hub's per-expert tensors -> our 3-D expert tensor, the expert index as a loader argument
 _EXPERT = re.compile(r"\.experts\.(\d+)\.(gate_up_proj|down_proj)\.weight$")
 # Mistral3ForConditionalGeneration: the language model's tensors under two prefixes

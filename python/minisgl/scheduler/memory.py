@@ -148,16 +148,12 @@ class ReqMemory:
         req.table_idx, req.cache_handle, req.cache_hit, req.cached_len = -1, None, 0, 0
 
     # -- accounting -------------------------------------------------------------------------
-    def owned_pages(self, req: Req) -> int:
-        return (
-            _cdiv(req.cached_len, self.ps) - req.cache_hit // self.ps if req.table_idx >= 0 else 0
-        )
-
     def check(self, reqs: list[Req]) -> None:
         """Every page is free, cached or owned by exactly one live request."""
         self.cache.check()
-        cached = (self.cache.evictable_tokens + self.cache.protected_tokens) // self.ps
-        owned = sum(self.owned_pages(r) for r in reqs)
+        ps = self.ps
+        cached = (self.cache.evictable_tokens + self.cache.protected_tokens) // ps
+        owned = sum(_cdiv(r.cached_len, ps) - r.cache_hit // ps for r in reqs if r.table_idx >= 0)
         assert self.pages.num_free + cached + owned == self.pages.num_pages, (
             f"page leak: free {self.pages.num_free} + cached {cached} + owned {owned} != {self.pages.num_pages}"
         )

@@ -281,16 +281,11 @@ class Scheduler:
         del self.reqs[req.uid]
 
     def stats(self) -> dict[str, float]:
-        cache = self.mem.cache
-        return dict(
-            running_reqs=len(self.running),
-            waiting_reqs=len(self.waiting),
-            pages_total=self.mem.pages.num_pages,
-            pages_free=self.mem.pages.num_free,
-            pages_cached=(cache.evictable_tokens + cache.protected_tokens) // self.mem.ps,
-            pages_used=self.mem.pages.num_pages - self.mem.pages.num_free,
-            **self.counters,
-        )
+        pages, cache = self.mem.pages, self.mem.cache
+        cached = (cache.evictable_tokens + cache.protected_tokens) // self.mem.ps
+        return dict(running_reqs=len(self.running), waiting_reqs=len(self.waiting),
+                    pages_total=pages.num_pages, pages_free=pages.num_free, pages_cached=cached,
+                    pages_used=pages.num_pages - pages.num_free, **self.counters)  # fmt: skip
 
 
 def _logprobs(out: StepOutput, sampled: list[Req]) -> list[Logprob | None]:

@@ -114,14 +114,9 @@ class Bridge(ipc.Handshake):
 
     # ---- requests -----------------------------------------------------------------------
     def submit(
-        self,
-        queue: asyncio.Queue,
-        index: int,
-        prompt: str | list[int],
-        params: SamplingParams,
-        chat: bool = False,
-        fill: bool = False,
-    ) -> ReqHandle:
+        self, queue: asyncio.Queue, index: int, prompt: str | list[int], params: SamplingParams,
+        chat: bool = False, fill: bool = False,
+    ) -> ReqHandle:  # fmt: skip
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         worker, self._rr = self._rr, (self._rr + 1) % len(self.tok_push)
         h = ReqHandle(uid, index, queue, worker)

@@ -80,12 +80,9 @@ class WorkerClient(ipc.Handshake):
                 inbox.dispatch(self.ready_pull.recv(), self.on_ready_msg)
 
     def submit(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        chat: bool = False,
+        self, prompt: str | list[int], params: SamplingParams, chat: bool = False,
         fill: bool = False,
-    ) -> int:
+    ) -> int:  # fmt: skip
         """Send one request; `chat` means `prompt` is a JSON chat for the template; `fill`: no
         max_tokens, generate up to the context (messages.TokenizeReq)."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1

@@ -152,14 +152,9 @@ class Generation:
         self.deadline = time.monotonic() + self.timeout if self.timeout > 0 else None
 
     def add(
-        self,
-        prompt_index: int,
-        prompt: str | list[int],
-        params: SamplingParams,
-        stops: list[str],
-        chat: bool,
-        fill: bool = False,
-    ) -> None:
+        self, prompt_index: int, prompt: str | list[int], params: SamplingParams, stops: list[str],
+        chat: bool, fill: bool = False,
+    ) -> None:  # fmt: skip
         """One choice; `fill`: no max_tokens was asked (messages.TokenizeReq)."""
         rank = sum(c.prompt_index == prompt_index for c in self.choices)  # choice-major order
         self.choices.append(Choice(len(self.choices), prompt_index, StopMatcher(list(stops or []))))

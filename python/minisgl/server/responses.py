@@ -15,12 +15,9 @@ from minisgl.messages import Logprob
 from .generation import ApiError, Choice, Generation
 from .tools import ChatParser
 
-ERROR_TYPES = {  # else invalid_request_error below 500, server_error from it
-    401: "authentication_error",
-    404: "not_found_error",
-    500: "internal_server_error",
-    503: "service_unavailable",
-}
+# error types by status; others: invalid_request_error below 500, server_error from it
+ERROR_TYPES = {401: "authentication_error", 404: "not_found_error",
+               500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
 
 
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
@@ -158,13 +155,8 @@ class Formatter:
 # ---- native /generate -----------------------------------------------------------------------
 def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) -> dict[str, Any]:
     finish = None if c.finish_reason is None else {"type": c.finish_reason}
-    meta: dict[str, Any] = {
-        "id": rid,
-        "finish_reason": finish,
-        "prompt_tokens": c.prompt_len,
-        "completion_tokens": len(c.token_ids),
-        "cached_tokens": c.cached,
-    }
+    meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": c.prompt_len}
+    meta |= {"completion_tokens": len(c.token_ids), "cached_tokens": c.cached}
     if want_logprobs:
         meta["output_token_logprobs"] = [
             [e.logprob, tid, e.text if texts else None] for e, tid in zip(c.logprobs, c.token_ids)

@@ -17,14 +17,7 @@ import signal
 import threading
 from typing import Any
 
-from minisgl.messages import (
-    AbortReq,
-    ErrorOut,
-    Limits,
-    TokenizeReq,
-    UserReq,
-    check_prompt,
-)
+from minisgl.messages import AbortReq, ErrorOut, Limits, TokenizeReq, UserReq, check_prompt
 
 logger = logging.getLogger("minisgl.tokenizer")
 RENDER_TIMEOUT_S = 2.0
