@@ -195,7 +195,9 @@ class Engine:
     def forward(self, batch: Batch) -> StepOutput:
         """Launch one step: its KV writes and the sampled tokens (copied to the host)."""
         if batch.kv_copy is not None:
-            self.pool.copy(*(h2d(torch.from_numpy(s), self.device) for s in batch.kv_copy))
+            self.pool.copy(
+                *h2d(torch.from_numpy(np.concatenate(batch.kv_copy)), self.device).chunk(2)
+            )
         if self.graphs is not None and self.graphs.can_run(batch):
             return self._forward_graph(batch)
         meta, h = self._run_model(batch)
