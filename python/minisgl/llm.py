@@ -122,17 +122,16 @@ class LLM:
                 raise ValueError(err)
             uids.append(uid)
         bar = tqdm(total=len(uids), desc="Generating", disable=not use_tqdm, unit="req")
-        start, finished = time.perf_counter(), 0
+        start = time.perf_counter()
         pending = set(uids)
         while pending:
             self.scheduler.step()
+            left = len(pending)
             pending -= self._done
-            now_done = len(uids) - len(pending)
-            if now_done != finished:
+            if len(pending) < left:
                 rate = sum(len(self._outputs[u]) for u in uids) / (time.perf_counter() - start)
                 bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-                bar.update(now_done - finished)
-                finished = now_done
+                bar.update(left - len(pending))
         while self.scheduler.busy and not self.scheduler.waiting and not self.scheduler.running:
             self.scheduler.step()  # drain the step still in flight under overlap
         bar.close()
@@ -148,12 +147,11 @@ class LLM:
     ) -> list[dict[str, object]]:
         """Submit every request to the workers at once; gather the TextOut deltas per uid."""
         c = self.client
-        if c is None or c.closed:
+        if c.closed:
             raise RuntimeError("this LLM has been shut down")
         if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
             raise ValueError(NO_TOKENIZER)
-        uids = [c.submit(p if isinstance(p, str) else list(p), sp)
-                for p, sp in zip(prompts, params)]  # fmt: skip
+        uids = [c.submit(p, sp) for p, sp in zip(prompts, params)]
         outputs: dict[int, list[int]] = {u: [] for u in uids}
         lps: dict[int, list] = {u: [] for u in uids}
         pending = set(uids)

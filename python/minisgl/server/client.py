@@ -79,16 +79,12 @@ class WorkerClient(ipc.Handshake):
             if self.ready_pull.poll(POLL_MS):
                 inbox.dispatch(self.ready_pull.recv(), self.on_ready_msg)
 
-    def submit(
-        self, prompt: str | list[int], params: SamplingParams, chat: bool = False,
-        fill: bool = False,
-    ) -> int:  # fmt: skip
-        """Send one request; `chat` means `prompt` is a JSON chat for the template; `fill`: no
-        max_tokens, generate up to the context (messages.TokenizeReq)."""
+    def submit(self, prompt: str | list[int], params: SamplingParams, chat: bool = False) -> int:
+        """Send one request; `chat` means `prompt` is a JSON chat for the template."""
         uid, self.next_uid = self.next_uid, self.next_uid + 1
         w = self.worker_of[uid] = uid % len(self.tok_push)
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
-        ipc.send(self.tok_push[w], TokenizeReq(uid, text, ids, params, chat, fill))
+        ipc.send(self.tok_push[w], TokenizeReq(uid, text, ids, params, chat))
         return uid
 
     def abort(self, uid: int) -> None:
