@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,7 +64,7 @@ class Bridge(ipc.Handshake):
         self._rr = 0
         self.dead: str | None = None  # why the server can no longer serve
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.on_ready: list[Any] = []
+        self.on_ready: Callable[[], None] | None = None  # called once every worker is ready
         self._tasks: list[asyncio.Task] = []
         self._flush: asyncio.Future | None = None
         self.beats: dict[str, float] = {}  # worker -> last sign of life (monotonic)
@@ -108,9 +109,8 @@ class Bridge(ipc.Handshake):
         logger.info("worker ready: %s", name)
         if not name.startswith("scheduler") or name == "scheduler0":  # rank 0 speaks for all
             self.beats[name] = time.monotonic()
-        if self.is_ready:
-            for cb in self.on_ready:
-                cb()
+        if self.is_ready and self.on_ready is not None:
+            self.on_ready()
 
     # ---- requests -----------------------------------------------------------------------
     def submit(

@@ -239,7 +239,7 @@ def run_server(args: ServerArgs) -> int:
             args.tp,
         )  # fmt: skip
 
-    bridge.on_ready.append(announce)
+    bridge.on_ready = announce
 
     def watchdog() -> None:
         while not workers.stopping and (reason := workers.first_dead()) is None:

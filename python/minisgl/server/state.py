@@ -64,10 +64,6 @@ class ApiState:
         if not self.bridge.is_ready:
             raise ApiError(503, "the server is starting; retry when GET /health answers 200")
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.name:
-            raise ApiError(400, f"model {model!r} is not served here; use {self.name!r}", "model")
-
     def check_ids(self, ids: list[int], what: str) -> None:
         check_ids(ids, what, self.bridge.limits.vocab_size)
 
@@ -75,7 +71,9 @@ class ApiState:
         """A POST route's body, parsed, once the server is ready and the model its own."""
         req = parse(model, await request.body())
         self.require_ready()
-        self.check_model(req.model)
+        if req.model is not None and req.model != self.name:
+            msg = f"model {req.model!r} is not served here; use {self.name!r}"
+            raise ApiError(400, msg, "model")
         return req
 
 
