@@ -213,7 +213,5 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         return ServerArgs(**vars(ns))
     except OSError as e:
         parser.error(f"--api-key-file: {e.strerror}: {ns.api_key_file}")
-        raise
     except ValueError as e:
         parser.error(str(e))
-        raise

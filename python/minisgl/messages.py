@@ -268,7 +268,7 @@ def _fields(cls: type) -> tuple[list[str], int, list[Callable[[Any], Any]]]:
 
 
 def _record(cls: type) -> Callable[[Any], Any]:
-    names, required, codecs = _fields(cls)
+    _, required, codecs = _fields(cls)
 
     def build(v: Any) -> Any:
         if type(v) is not list or not required <= len(v) <= len(codecs):

@@ -67,12 +67,8 @@ class IncrementalDetokenizer:
         return self.tokenizer.batch_decode(seqs, **_DECODE_KW)
 
     def _in_byte_run(self, ids: list[int]) -> bool:
-        if not self.byte_ids:
-            return False
-        for t in reversed(ids):
-            if t not in self.special_ids:
-                return t in self.byte_ids
-        return False
+        """Whether the last token that is not a special one is a byte token."""
+        return next((t in self.byte_ids for t in reversed(ids) if t not in self.special_ids), False)
 
     def step(self, items: list[tuple[int, list[int], bool]]) -> list[str]:
         """`items`: (uid, new token ids, finished). Returns one text delta per item."""
@@ -190,9 +186,8 @@ class Detokenizer:
                 logger.error("request %d: cannot detokenize %s: %s", uid, ids, text)
                 self.inc.drop(uid)
                 self.aborted[uid] = None  # its later tokens are dropped, not decoded again
-                errors.append(
-                    ErrorOut(uid, f"internal error: cannot detokenize output: {text}", 500)
-                )
+                why = f"internal error: cannot detokenize output: {text}"
+                errors.append(ErrorOut(uid, why, 500))
             else:
                 outs[uid].text = text
         return ([TextOuts(list(outs.values()))] if outs else []) + errors

@@ -72,7 +72,7 @@ def check_ids(ids: list[int], what: str, vocab: int) -> None:
 def engine_params(s: Any, vocab: int, max_n: int, seed: int | None, **kw: Any) -> list:
     """The engine's params of each of the `s.n` choices: choice i uses seed + i (different but
     reproducible). An unset max_tokens is MAX_INT here; the tokenizer worker fits it to the
-    context (see api_server's `# wire: params`)."""
+    context (TokenizeReq.fill)."""
     if s.n > max_n:
         raise ApiError(400, f"n must be at most {max_n}, got {s.n}", "n")
     check_ids(s.stop_token_ids or [], "stop_token_ids", vocab)
