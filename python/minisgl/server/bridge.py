@@ -61,7 +61,6 @@ class Bridge(ipc.Handshake):
         self.metrics = metrics
         self.reqs: dict[int, ReqHandle] = {}
         self.next_uid = 1
-        self._rr = 0
         self.dead: str | None = None  # why the server can no longer serve
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_ready: Callable[[], None] | None = None  # called once every worker is ready
@@ -118,7 +117,7 @@ class Bridge(ipc.Handshake):
         chat: bool = False, fill: bool = False,
     ) -> ReqHandle:  # fmt: skip
         uid, self.next_uid = self.next_uid, self.next_uid + 1
-        worker, self._rr = self._rr, (self._rr + 1) % len(self.tok_push)
+        worker = (uid - 1) % len(self.tok_push)  # round robin: uids count up from 1
         h = ReqHandle(uid, index, queue, worker)
         if self.dead is not None:  # a worker died after this request passed the ready check
             queue.put_nowait((index, ErrorOut(uid, f"request failed: {self.dead}", 503)))

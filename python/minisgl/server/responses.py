@@ -50,18 +50,15 @@ def chat_logprobs(entries: list[Logprob]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[Logprob], offset: int) -> dict[str, Any]:
-    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
-    out: dict[str, list] = {k: [] for k in keys}
+    tops, offsets = [], []
     for e in entries:
-        text, lp = e.text, e.logprob
-        out["tokens"].append(text)
-        out["token_logprobs"].append(lp)
         alts = dict(zip(e.top_texts, e.top_logprobs))
-        alts.setdefault(text, lp)  # OpenAI: the sampled token is always there (k + 1 at most)
-        out["top_logprobs"].append(alts)
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
+        alts.setdefault(e.text, e.logprob)  # OpenAI always lists the sampled token (k + 1 at most)
+        tops.append(alts)
+        offsets.append(offset)
+        offset += len(e.text)
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops, "text_offset": offsets}  # fmt: skip
 
 
 class Formatter:
