@@ -8,6 +8,8 @@ The `tight` server runs with --max-running-requests 4 (so requests queue), --max
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import socket
 import time
 
@@ -20,22 +22,38 @@ LONG = {"prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "temperature": 
 
 
 @pytest.fixture(scope="module")
-def tight(tmp_path_factory, small_llama_dir):
+def long_llama_dir(tmp_path_factory, small_llama_dir) -> str:
+    """small_llama with a 4,096-token context (same weights; RoPE without scaling computes the
+    same angles), so a long request can outlast the 0.5 s metrics period several times over:
+    480 tokens take ~0.9 s on a 2-core CPU."""
+    d = tmp_path_factory.mktemp("long_llama") / "m"
+    shutil.copytree(small_llama_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 4096}))
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory, long_llama_dir):
     s = start_server(
-        tmp_path_factory, small_llama_dir, "--max-running-requests", "4", "--max-waiting-requests", "12",
+        tmp_path_factory, long_llama_dir, "--max-running-requests", "4", "--max-waiting-requests", "12",
         "--max-choices", "8", "--max-waiting-tokens", "1500",
     )  # fmt: skip
     yield s
     s.stop()
 
 
-async def _fill_batch(ac: httpx.AsyncClient, k: int = 4) -> list[asyncio.Task]:
-    """k long requests that hold the whole running batch (--max-running-requests 4) for seconds;
+async def _fill_batch(
+    ac: httpx.AsyncClient, k: int = 4, max_tokens: int = 480
+) -> list[asyncio.Task]:
+    """k long requests that hold the whole running batch (--max-running-requests 4) for a while;
     returns once each has produced its first token (so they no longer count as waiting)."""
     started = [asyncio.Event() for _ in range(k)]
 
     async def one(ev: asyncio.Event) -> int:
-        async with ac.stream("POST", COMP, json={**LONG, "stream": True}) as r:
+        async with ac.stream(
+            "POST", COMP, json={**LONG, "stream": True, "max_tokens": max_tokens}
+        ) as r:
             assert r.status_code == 200
             async for _ in r.aiter_lines():
                 ev.set()
@@ -123,7 +141,9 @@ def test_disconnect_while_queued(tight):
 
     async def main():
         async with httpx.AsyncClient(base_url=tight.url, timeout=120) as ac:
-            longs = await _fill_batch(ac)
+            # ~3,500 tokens: the batch stays full for several seconds, well past the ~1 s the
+            # queue and metrics take (480 tokens were done before the queue emptied, at times)
+            longs = await _fill_batch(ac, max_tokens=3500)
             prompt = [1] + [7 + i % 300 for i in range(149)]  # 8 x 150 < --max-waiting-tokens
             socks = [http_raw(tight.url, post_bytes(COMP, {"prompt": prompt, "max_tokens": 50}))
                      for _ in range(8)]  # fmt: skip
@@ -141,8 +161,11 @@ def test_disconnect_while_queued(tight):
                 await asyncio.sleep(0.05)
             gone = time.monotonic() - t0
             running = m["minisgl_num_running_reqs"]
-            await asyncio.gather(*longs)
-            return gone, running, tight.metrics()["minisgl_prefill_tokens_total"] - prefill0
+            prefilled = tight.metrics()["minisgl_prefill_tokens_total"] - prefill0
+            for t in longs:  # hang up on them too: the server aborts them
+                t.cancel()
+            await asyncio.gather(*longs, return_exceptions=True)
+            return gone, running, prefilled
 
     gone, running, prefilled = asyncio.run(main())
     assert running == 4 and prefilled == 0, (running, prefilled)
