@@ -33,17 +33,20 @@ def bench(fn, iters: int = 30) -> float:  # noqa: ANN001
     return sorted(times)[len(times) // 2] * 1e3  # us
 
 
-def paged_batch(lens: torch.Tensor, ps: int, heads: int) -> tuple:
+def paged_batch(lens: torch.Tensor, ps: int, heads: int, pool_pages: int = 0) -> tuple:
     """Random bf16 K/V holding `lens` tokens per request in shuffled pages of `ps` tokens, and one
-    query per request: (q, k, v, indptr, indices, last-page lengths, pages, GB of KV read)."""
+    query per request: (q, k, v, indptr, indices, last-page lengths, pages, GB of KV read). With
+    `pool_pages` above the pages needed, they are a random subset of a pool that large (as in
+    the engine, whose pool is mostly not this batch's)."""
     bf = torch.bfloat16
     pages = (lens + ps - 1) // ps
     total = int(pages.sum())
-    k = torch.randn(total + 1, ps, KV, D, dtype=bf, device="cuda")
+    pool = max(pool_pages, total)
+    k = torch.randn(pool + 1, ps, KV, D, dtype=bf, device="cuda")
     v = torch.randn_like(k)
     indptr = torch.zeros(len(lens) + 1, dtype=torch.int32)
     indptr[1:] = pages.cumsum(0)
-    indices = torch.randperm(total, dtype=torch.int32, device="cuda")
+    indices = torch.randperm(pool, dtype=torch.int32, device="cuda")[:total]
     last = (lens - (pages - 1) * ps).int()
     q = torch.randn(len(lens), heads, D, dtype=bf, device="cuda")
     return q, k, v, indptr, indices, last, pages, int(lens.sum()) * KV * D * 2 * 2 / 1e9
