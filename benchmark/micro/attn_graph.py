@@ -54,12 +54,15 @@ def main() -> None:
     # session 9 measured the engine's kernel at 3.53 TB/s there, this file's rows at 3.8-4.1
     prompts, _ = make_workload(256, 100, 1024, 100, 1024, 0, 10000)
     step45 = torch.tensor(sorted((len(p) + 45 for p in prompts), reverse=True))
-    cases = [(256, 300, 900), (256, 600, 1400), (170, 600, 1400), (128, 600, 1400),
-             (64, 900, 1100), (32, 300, 1000), (16, 300, 1000), (step45, 1), (step45, 3)]  # fmt: skip
-    for case in cases:  # the random lengths drawn in turn, as before the workload rows
-        lens, pool_factor = (
-            case if len(case) == 2 else (torch.randint(case[1], case[2], case[:1]), 1)
-        )
+
+    def cases():  # noqa: ANN202  (lengths, pool size / pages needed); random ones drawn in turn
+        for bs, lo, hi in [(256, 300, 900), (256, 600, 1400), (170, 600, 1400), (128, 600, 1400),
+                           (64, 900, 1100), (32, 300, 1000), (16, 300, 1000)]:  # fmt: skip
+            yield torch.randint(lo, hi, (bs,)), 1
+        yield step45, 1
+        yield step45, 3
+
+    for lens, pool_factor in cases():
         bs = len(lens)
         pool = pool_factor * int(((lens + PS - 1) // PS).sum())
         q, k, v, indptr, indices, last, pages, gbytes = paged_batch(lens, PS, H, pool)
