@@ -48,6 +48,13 @@ def qwen3_hd128_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def qwen3_kv8_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """8 KV heads (Qwen3-0.6B's): graph buckets past 2 * SMs / 8 = 33 replay an eager plan."""
+    return _hf_init_model(tmp_path_factory, "qwen3_kv8", "Qwen3", hidden_size=256, head_dim=128,
+                          num_attention_heads=16, num_key_value_heads=8)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def llama_hd64_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from conftest import LLAMA3_ROPE_SCALING
 
@@ -160,15 +167,26 @@ def test_bf16_logits_vs_transformers(fixture: str, request: pytest.FixtureReques
         assert err < 2e-2
 
 
-@pytest.mark.parametrize("bs", [1, 3, 17, 64])
-def test_graph_replay_equals_eager(qwen3_hd128_dir: str, bs: int) -> None:
+@pytest.mark.parametrize(
+    ("fixture", "bs"),
+    [("qwen3_hd128_dir", 1), ("qwen3_hd128_dir", 3), ("qwen3_hd128_dir", 17),
+     ("qwen3_hd128_dir", 64), ("qwen3_kv8_dir", 40), ("qwen3_kv8_dir", 64)],
+)  # fmt: skip
+def test_graph_replay_equals_eager(fixture: str, bs: int, request: pytest.FixtureRequest) -> None:
     """Greedy decoding with CUDA graphs (buckets up to 64) gives the eager engine's tokens for
-    batches of 1, 3, 17 and 64 requests."""
+    batches of 1, 3, 17 and 64 requests; with 8 KV heads, 40 and 64 requests run the buckets
+    that replay an eager plan (40 padded to 48)."""
+    path = request.getfixturevalue(fixture)
     prompts = [[1, *p] for p in _prompts(bs, 300, seed=bs)]
     kw = dict(device="cuda", dtype="bfloat16", attn="fi")
-    eager = _greedy(LLM(qwen3_hd128_dir, cuda_graph_max_bs=0, **kw), prompts)
-    graph_llm = LLM(qwen3_hd128_dir, cuda_graph_max_bs=64, **kw)
+    eager = _greedy(LLM(path, cuda_graph_max_bs=0, **kw), prompts)
+    graph_llm = LLM(path, cuda_graph_max_bs=64, **kw)
     assert graph_llm.engine.graphs is not None
+    if fixture == "qwen3_kv8_dir":
+        from minisgl.attention.flashinfer import _EagerPlanInGraph
+
+        wrappers = graph_llm.engine.attn.graph_wrappers
+        assert isinstance(wrappers[48, 0], _EagerPlanInGraph)
     assert _greedy(graph_llm, prompts) == eager
 
 

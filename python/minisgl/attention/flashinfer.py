@@ -124,17 +124,61 @@ class FlashInferBackend(AttentionBackend):
     # -- CUDA graphs ------------------------------------------------------------------------
     def init_graph(self, max_bs: int) -> None:
         self.max_graph_pages = self.pool.num_pages + max_bs
+        # FlashInfer's FA2 plan gives 2 CTAs per SM to a split: past this many requests its own
+        # eager plan never splits (one CTA per request and KV head), while its graph-mode plan
+        # always runs the split path and its merge kernel (9 us of 178 per 8B layer at batch 256,
+        # the engine's lengths: benchmark/micro/attn_graph.py). Those buckets replay an eager plan.
+        props = torch.cuda.get_device_properties(self.pool.k.device)
+        self.eager_plan_bs = 2 * props.multi_processor_count // self.num_kv_heads
 
     def prepare_graph_capture(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         dev = self.pool.k.device
-        wrapper = self._decode_wrapper(
-            paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
-            paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
-            paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
-        )  # fmt: skip
+        if bs > self.eager_plan_bs:
+            wrapper = _EagerPlanInGraph(self._decode_wrapper(), bs, self.max_graph_pages)
+        else:
+            wrapper = self._decode_wrapper(
+                paged_kv_indptr_buffer=torch.zeros(bs + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(self.max_graph_pages, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(bs, dtype=torch.int32, device=dev),
+            )  # fmt: skip
         self.graph_wrappers[bs, buf] = wrapper
         self.meta = meta
         self._plan_decode(wrapper, meta)
 
     def prepare_graph_replay(self, bs: int, meta: AttnMeta, buf: int = 0) -> None:
         self._plan_decode(self.graph_wrappers[bs, buf], meta)
+
+
+class _EagerPlanInGraph:
+    """A decode wrapper planned as in eager mode and replayed in a CUDA graph. The captured
+    kernel reads the buffers it was captured with, so each plan's fresh index tensors are copied
+    into fixed ones; and its grid is the plan's batch, so a plan that differs from the captured
+    one (a split, other offsets) is refused rather than run on the wrong grid."""
+
+    BUFFERS = ("_qo_indptr_buf", "_paged_kv_indptr_buf", "_paged_kv_indices_buf",
+               "_paged_kv_last_page_len_buf")  # fmt: skip
+
+    def __init__(self, wrapper: object, bs: int, max_pages: int) -> None:
+        self.wrapper, self.captured = wrapper, None
+        dev = wrapper._int_workspace_buffer.device
+        sizes = (bs + 1, bs + 1, max_pages, bs)
+        self.fixed = {
+            n: torch.zeros(k, dtype=torch.int32, device=dev) for n, k in zip(self.BUFFERS, sizes)
+        }
+
+    def plan(self, *args: object, **kw: object) -> None:
+        w = self.wrapper
+        w.plan(*args, **kw)
+        if self.captured is None:
+            self.captured = list(w._plan_info)
+        elif list(w._plan_info) != self.captured:
+            raise RuntimeError(
+                f"decode plan {w._plan_info} differs from the captured {self.captured}"
+            )
+        for name, buf in self.fixed.items():
+            fresh = getattr(w, name)
+            buf[: len(fresh)].copy_(fresh, non_blocking=True)
+            setattr(w, name, buf)
+
+    def run(self, q: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.wrapper.run(q, kv)
