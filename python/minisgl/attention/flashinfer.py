@@ -1,5 +1,6 @@
 """FlashInfer paged attention: prefill (with a cached prefix; FA3 on Hopper) and decode,
-planned once per batch on host metadata, with fixed-size decode wrappers for CUDA graphs."""
+planned once per batch on host metadata, with fixed-size decode wrappers for CUDA graphs (the
+large buckets replay the eager plan, which skips the graph plan's split-KV merge)."""
 
 from __future__ import annotations
 
