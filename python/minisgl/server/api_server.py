@@ -28,7 +28,6 @@ from . import info_routes, router_api
 from .bridge import Bridge
 from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
-from .info_routes import chat_payload
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
 from .responses import Formatter, error_response, native_item, native_stream
@@ -227,7 +226,7 @@ async def chat_completions(request: Request, api: Api) -> Response:
     if not info.get("has_chat_template", True):
         no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
         raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
-    gen = _generation(api, req, [chat_payload(req)], req.stop, chat=True)
+    gen = _generation(api, req, [req.payload()], req.stop, chat=True)
     mode, think = tool_mode(req), api.args.reasoning_parser == "qwen3"
     fmt = Formatter("chat", api.name, req.logprobs, *req.usage_options(),
                     fingerprint=api.fingerprint,

@@ -26,13 +26,6 @@ router = APIRouter()
 BODY = {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}}
 
 
-def chat_payload(req: Any) -> str:
-    try:
-        return req.payload()
-    except ValueError as e:
-        raise ApiError(400, str(e), "messages") from None
-
-
 @router.get("/health")
 async def health(api: Api) -> Response:
     bridge = api.bridge
@@ -87,7 +80,7 @@ async def _worker(request: Request, api: ApiState, cls: type) -> tuple[Any, Toke
 async def tokenize(request: Request, api: Api) -> JSONResponse:
     req, w = await _worker(request, api, TokenizeRequest)
     chat = req.messages is not None
-    text = chat_payload(req) if chat else req.prompt
+    text = req.payload() if chat else req.prompt
     try:
         ids = await asyncio.to_thread(w.tokenize, text, chat, req.add_special_tokens)
     except Reject as e:

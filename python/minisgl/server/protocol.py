@@ -184,7 +184,7 @@ class ChatMessage(BaseModel):
         c = self.content
         if isinstance(c, list):
             if any(p.type != "text" for p in c):
-                raise ValueError("only text content parts are supported")
+                raise ApiError(400, "only text content parts are supported", "messages")
             c = "".join(p.text or "" for p in c)
         msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
         extra = {k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id")}
@@ -225,7 +225,7 @@ class _ChatInput(StrictModel):
         return v
 
     def payload(self) -> str:
-        """The worker's JSON payload (ValueError: a message it cannot render)."""
+        """The worker's JSON payload."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools or []] or None
         return json.dumps({"messages": [m.render() for m in self.messages], "tools": tools,
                            "add_generation_prompt": self.add_generation_prompt,
