@@ -30,7 +30,7 @@ from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from .responses import Formatter, error_response, native_item, native_stream
+from .responses import Formatter, NativeFormatter, error_response
 from .state import Api, ApiState
 from .tokenizer import NO_TEMPLATE
 from .tools import ChatParser, tool_mode
@@ -189,7 +189,7 @@ def _generation(api: ApiState, req: Any, prompts: list, stops: list[str], chat: 
 
 
 async def _respond(
-    gen: Generation, request: Request, stream_body: Any, full_body: Callable[[], Any]
+    gen: Generation, request: Request, stream: bool, fmt: Formatter | NativeFormatter
 ) -> Response:
     # a client that leaves while queued or in prefill is noticed at once, not at its first
     # token: its requests leave the scheduler's queue before they cost anything
@@ -197,12 +197,12 @@ async def _respond(
     try:
         await asyncio.sleep(0)  # let `hangup` see a client that is gone already
         await until_hangup(gen, gen.start(), hangup)
-        if stream_body is not None:
-            return Stream(stream_body, gen.abort)
+        if stream:
+            return Stream(fmt.stream(gen), gen.abort)
         await until_hangup(gen, gen.collect(), hangup)
     finally:
         hangup.cancel()
-    return JSONResponse(full_body())
+    return JSONResponse(fmt.full(gen))
 
 
 @router.post("/v1/completions", openapi_extra=BODY)
@@ -213,10 +213,9 @@ async def completions(request: Request, api: Api) -> Response:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
     api.check_ids([t for p in prompts if isinstance(p, list) for t in p], "prompt")
     gen = _generation(api, req, prompts, req.stop, chat=False)
-    fmt = Formatter("completion", api.name, req.logprobs is not None, *req.usage_options(),
-                    fingerprint=api.fingerprint)  # fmt: skip
-    stream = fmt.stream(gen) if req.stream else None
-    return await _respond(gen, request, stream, lambda: fmt.full(gen))
+    fmt = Formatter("completion", api.name, api.fingerprint, req.logprobs is not None,
+                    req.stream_options)  # fmt: skip
+    return await _respond(gen, request, req.stream, fmt)
 
 
 @router.post("/v1/chat/completions", openapi_extra=BODY)
@@ -228,11 +227,9 @@ async def chat_completions(request: Request, api: Api) -> Response:
         raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
     gen = _generation(api, req, [req.payload()], req.stop, chat=True)
     mode, think = tool_mode(req), api.args.reasoning_parser == "qwen3"
-    fmt = Formatter("chat", api.name, req.logprobs, *req.usage_options(),
-                    fingerprint=api.fingerprint,
+    fmt = Formatter("chat", api.name, api.fingerprint, req.logprobs, req.stream_options,
                     parser=lambda: ChatParser(think, mode, req.parallel_tool_calls))  # fmt: skip
-    stream = fmt.stream(gen) if req.stream else None
-    return await _respond(gen, request, stream, lambda: fmt.full(gen))
+    return await _respond(gen, request, req.stream, fmt)
 
 
 @router.post("/generate", openapi_extra=BODY)
@@ -241,12 +238,5 @@ async def generate(request: Request, api: Api) -> Response:
     api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)
-    rid = "gen-" + uuid.uuid4().hex
-    lp, texts = req.return_logprob, req.return_text_in_logprobs
-    stream = native_stream(gen, rid, lp, texts) if req.stream else None
-
-    def full() -> Any:
-        items = [native_item(c, rid, lp, texts) for c in gen.choices]
-        return items[0] if len(items) == 1 else items
-
-    return await _respond(gen, request, stream, full)
+    fmt = NativeFormatter(req.return_logprob, req.return_text_in_logprobs)
+    return await _respond(gen, request, req.stream, fmt)

@@ -106,11 +106,6 @@ class _Sampling(SamplingChecks):
     def token_limit(self) -> int | None:
         return self.max_tokens
 
-    def usage_options(self) -> tuple[bool, bool]:
-        """(include_usage, continuous_usage_stats) of stream_options."""
-        so = self.stream_options
-        return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)
-
     def _openai_choices(
         self, vocab: int, max_n: int, logprobs: int | None, chat: bool
     ) -> list[SamplingParams]:
