@@ -16,15 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from minisgl.core import SamplingParams
 
 from .generation import ApiError
-from .sampling import (
-    MAX_TOP_LOGPROBS,
-    SamplingChecks,
-    StrictModel,
-    check_positive,
-    check_seed,
-    check_top_logprobs,
-    engine_params,
-)
+from .sampling import MAX_TOP_LOGPROBS, SamplingChecks, StrictModel, engine_params
 from .tools import grammar_for
 
 # ranges only: every model is strict already (StrictModel, or strict=True)
@@ -94,8 +86,6 @@ class _Sampling(SamplingChecks):
     skip_special_tokens: Literal[True] = True
     return_hidden_states: Literal[False] = False
 
-    _v_max_tokens = field_validator("max_tokens")(check_positive)
-
     @model_validator(mode="after")
     def _stream_options(self) -> Any:
         if self.stream_options is not None and not self.stream:
@@ -135,8 +125,6 @@ class CompletionRequest(_Sampling):
             if any(isinstance(p, list) and not p for p in v):
                 raise ValueError("token-id prompts must not be empty")
         return v
-
-    _v_logprobs = field_validator("logprobs")(check_top_logprobs)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -239,9 +227,6 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
 
-    _v_max_completion_tokens = field_validator("max_completion_tokens")(check_positive)
-    _v_top_logprobs = field_validator("top_logprobs")(check_top_logprobs)
-
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -275,9 +260,6 @@ class NativeSamplingParams(SamplingChecks):
     seed: int | None = None
     sampling_seed: int | None = None  # SGLang's name (the only one sglang-router forwards)
     n: int = 1
-
-    _v_max_tokens = field_validator("max_new_tokens")(check_positive)
-    _v_sampling_seed = field_validator("sampling_seed")(check_seed)
 
 
 class GenerateRequest(StrictModel):
