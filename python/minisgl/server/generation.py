@@ -286,9 +286,6 @@ class Generation:
         firsts = {c.prompt_index: c for c in reversed(self.choices)}.values()
         prompt, cached = sum(c.prompt_len for c in firsts), sum(c.cached for c in firsts)
         completion = sum(len(c.token_ids) for c in self.choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
