@@ -266,12 +266,9 @@ class Generation:
 
     async def collect(self) -> list[Choice]:
         """Run to completion (non-streaming). Cancelling it aborts the requests."""
-        try:
-            while not self.finished:
-                self._process(*await self._next())
-            return self.choices
-        finally:
-            self.abort()
+        async for _ in self.events():
+            pass
+        return self.choices
 
     def abort(self) -> None:
         for h in self.handles:
