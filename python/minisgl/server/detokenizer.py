@@ -52,16 +52,14 @@ class IncrementalDetokenizer:
         self.states: dict[int, _DecodeState] = {}
         self._anchor: list[int] | None = None
         self._token_text: dict[int, str] = {}
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
         self.byte_ids: frozenset[int] = frozenset()
-        self.special_ids: frozenset[int] = frozenset()
-        if tokenizer is not None:
-            self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
-            try:
-                pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-                byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-                self.byte_ids = frozenset(i for i, p in enumerate(pieces) if p and byte.match(p))
-            except Exception:  # exotic tokenizer: FFFD hold-back alone
-                pass
+        try:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+            self.byte_ids = frozenset(i for i, p in enumerate(pieces) if p and byte.match(p))
+        except Exception:  # no tokenizer, or an exotic one: FFFD hold-back alone
+            pass
 
     def _in_byte_run(self, ids: list[int]) -> bool:
         """Whether the last token that is not a special one is a byte token."""
