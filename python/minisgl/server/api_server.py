@@ -24,7 +24,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from minisgl.args import ServerArgs
 
-from . import info_routes, router_api
+from . import info_routes
 from .bridge import Bridge
 from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
@@ -38,8 +38,7 @@ from .tools import ChatParser, tool_mode
 logger = logging.getLogger("minisgl.server")
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/tokenize")
-ROUTES += ("/detokenize", "/health", "/metrics", *router_api.ROUTES)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", *info_routes.ROUTES)
 KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
 
 
@@ -167,8 +166,8 @@ def create_app(args: ServerArgs, bridge: Bridge) -> Any:
     app = FastAPI(title="minisgl", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   exception_handlers=HANDLERS)  # fmt: skip
     app.state.api = ApiState(args, bridge)
-    for r in (router, info_routes.router, router_api.router):
-        app.include_router(r)
+    app.include_router(router)
+    app.include_router(info_routes.router)
     asgi: Any = Guard(app, args, bridge.metrics)
     if args.allowed_origins:  # outermost: preflights are answered before the API-key check
         origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
