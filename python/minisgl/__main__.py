@@ -73,13 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         from minisgl.shell import run_shell
 
         return run_shell(args)
-    if args.node_rank > 0:
-        from minisgl.server.node import run_node
+    from minisgl.server.launcher import run_node, run_server
 
-        return run_node(args)
-    from minisgl.server.launcher import run_server
-
-    return run_server(args)
+    return run_node(args) if args.node_rank > 0 else run_server(args)
 
 
 if __name__ == "__main__":

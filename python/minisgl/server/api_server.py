@@ -24,14 +24,13 @@ from starlette.middleware.cors import CORSMiddleware
 
 from minisgl.args import ServerArgs
 
-from . import info_routes, router_api
+from . import info_routes
 from .bridge import Bridge
 from .connection import Gate, Stalled, Stream, until_hangup, wait_disconnect
 from .generation import ApiError, Generation
-from .info_routes import chat_payload
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest, GenerateRequest
-from .responses import Formatter, error_response, native_item, native_stream
+from .responses import Formatter, NativeFormatter, error_response
 from .state import Api, ApiState
 from .tokenizer import NO_TEMPLATE
 from .tools import ChatParser, tool_mode
@@ -39,8 +38,7 @@ from .tools import ChatParser, tool_mode
 logger = logging.getLogger("minisgl.server")
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/generate", "/tokenize")
-ROUTES += ("/detokenize", "/health", "/metrics", *router_api.ROUTES)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate", *info_routes.ROUTES)
 KEYED = ("/generate", "/flush_cache")  # besides /v1: need the API key
 
 
@@ -168,8 +166,8 @@ def create_app(args: ServerArgs, bridge: Bridge) -> Any:
     app = FastAPI(title="minisgl", lifespan=_lifespan, docs_url=None, redoc_url=None,
                   exception_handlers=HANDLERS)  # fmt: skip
     app.state.api = ApiState(args, bridge)
-    for r in (router, info_routes.router, router_api.router):
-        app.include_router(r)
+    app.include_router(router)
+    app.include_router(info_routes.router)
     asgi: Any = Guard(app, args, bridge.metrics)
     if args.allowed_origins:  # outermost: preflights are answered before the API-key check
         origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()]
@@ -190,7 +188,7 @@ def _generation(api: ApiState, req: Any, prompts: list, stops: list[str], chat: 
 
 
 async def _respond(
-    gen: Generation, request: Request, stream_body: Any, full_body: Callable[[], Any]
+    gen: Generation, request: Request, stream: bool, fmt: Formatter | NativeFormatter
 ) -> Response:
     # a client that leaves while queued or in prefill is noticed at once, not at its first
     # token: its requests leave the scheduler's queue before they cost anything
@@ -198,12 +196,12 @@ async def _respond(
     try:
         await asyncio.sleep(0)  # let `hangup` see a client that is gone already
         await until_hangup(gen, gen.start(), hangup)
-        if stream_body is not None:
-            return Stream(stream_body, gen.abort)
+        if stream:
+            return Stream(fmt.stream(gen), gen.abort)
         await until_hangup(gen, gen.collect(), hangup)
     finally:
         hangup.cancel()
-    return JSONResponse(full_body())
+    return JSONResponse(fmt.full(gen))
 
 
 @router.post("/v1/completions", openapi_extra=BODY)
@@ -214,10 +212,9 @@ async def completions(request: Request, api: Api) -> Response:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request", "prompt")
     api.check_ids([t for p in prompts if isinstance(p, list) for t in p], "prompt")
     gen = _generation(api, req, prompts, req.stop, chat=False)
-    fmt = Formatter("completion", api.name, req.logprobs is not None, *req.usage_options(),
-                    fingerprint=api.fingerprint)  # fmt: skip
-    stream = fmt.stream(gen) if req.stream else None
-    return await _respond(gen, request, stream, lambda: fmt.full(gen))
+    fmt = Formatter("completion", api.name, api.fingerprint, req.logprobs is not None,
+                    req.stream_options)  # fmt: skip
+    return await _respond(gen, request, req.stream, fmt)
 
 
 @router.post("/v1/chat/completions", openapi_extra=BODY)
@@ -227,13 +224,11 @@ async def chat_completions(request: Request, api: Api) -> Response:
     if not info.get("has_chat_template", True):
         no_tok = "this model has no tokenizer, so no chat: use /v1/completions with token ids"
         raise ApiError(400, NO_TEMPLATE if info.get("has_tokenizer") else no_tok)
-    gen = _generation(api, req, [chat_payload(req)], req.stop, chat=True)
+    gen = _generation(api, req, [req.payload()], req.stop, chat=True)
     mode, think = tool_mode(req), api.args.reasoning_parser == "qwen3"
-    fmt = Formatter("chat", api.name, req.logprobs, *req.usage_options(),
-                    fingerprint=api.fingerprint,
+    fmt = Formatter("chat", api.name, api.fingerprint, req.logprobs, req.stream_options,
                     parser=lambda: ChatParser(think, mode, req.parallel_tool_calls))  # fmt: skip
-    stream = fmt.stream(gen) if req.stream else None
-    return await _respond(gen, request, stream, lambda: fmt.full(gen))
+    return await _respond(gen, request, req.stream, fmt)
 
 
 @router.post("/generate", openapi_extra=BODY)
@@ -242,12 +237,5 @@ async def generate(request: Request, api: Api) -> Response:
     api.check_ids(req.input_ids or [], "input_ids")
     prompt = req.text if req.text is not None else req.input_ids
     gen = _generation(api, req, [prompt], req.sampling_params.stop, chat=False)
-    rid = "gen-" + uuid.uuid4().hex
-    lp, texts = req.return_logprob, req.return_text_in_logprobs
-    stream = native_stream(gen, rid, lp, texts) if req.stream else None
-
-    def full() -> Any:
-        items = [native_item(c, rid, lp, texts) for c in gen.choices]
-        return items[0] if len(items) == 1 else items
-
-    return await _respond(gen, request, stream, full)
+    fmt = NativeFormatter(req.return_logprob, req.return_text_in_logprobs)
+    return await _respond(gen, request, req.stream, fmt)

@@ -50,8 +50,7 @@ class ReqHandle:
     queue: asyncio.Queue  # shared by the choices of one HTTP request: (index, TextOut|ErrorOut)
     worker: int
     t_start: float = field(default_factory=time.perf_counter)
-    t_last: float = 0.0
-    num_tokens: int = 0
+    t_last: float = 0.0  # of its latest output (0: none yet)
 
 
 class Bridge(ipc.Handshake):
@@ -104,10 +103,9 @@ class Bridge(ipc.Handshake):
     def _on_ready(self, msg: Ready) -> None:
         if not self.on_ready_msg(msg):
             return
-        name = msg.name
-        logger.info("worker ready: %s", name)
-        if not name.startswith("scheduler") or name == "scheduler0":  # rank 0 speaks for all
-            self.beats[name] = time.monotonic()
+        logger.info("worker ready: %s", msg.name)
+        if not msg.name.startswith("scheduler") or msg.name == "scheduler0":  # rank 0 for all
+            self.beats[msg.name] = time.monotonic()
         if self.is_ready and self.on_ready is not None:
             self.on_ready()
 
@@ -166,13 +164,12 @@ class Bridge(ipc.Handshake):
         h, m = self.reqs.get(msg.uid), self.metrics
         if h is None:
             return  # aborted or failed already
-        if h.num_tokens == 0:
+        if h.t_last == 0.0:
             m.ttft.observe(now - h.t_start)
             m.prompt_tokens.inc(max(msg.prompt_len, 0))
         else:
             m.itl.observe((now - h.t_last) / max(len(msg.token_ids), 1))
         h.t_last = now
-        h.num_tokens += len(msg.token_ids)
         m.generation_tokens.inc(len(msg.token_ids))
         if msg.finished is not None:
             self._end(msg.uid, msg.finished)

@@ -52,19 +52,14 @@ class IncrementalDetokenizer:
         self.states: dict[int, _DecodeState] = {}
         self._anchor: list[int] | None = None
         self._token_text: dict[int, str] = {}
+        self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
         self.byte_ids: frozenset[int] = frozenset()
-        self.special_ids: frozenset[int] = frozenset()
-        if tokenizer is not None:
-            self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", []) or [])
-            try:
-                pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-                byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
-                self.byte_ids = frozenset(i for i, p in enumerate(pieces) if p and byte.match(p))
-            except Exception:  # exotic tokenizer: FFFD hold-back alone
-                pass
-
-    def _batch_decode(self, seqs: list[list[int]]) -> list[str]:
-        return self.tokenizer.batch_decode(seqs, **_DECODE_KW)
+        try:
+            pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+            byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+            self.byte_ids = frozenset(i for i, p in enumerate(pieces) if p and byte.match(p))
+        except Exception:  # no tokenizer, or an exotic one: FFFD hold-back alone
+            pass
 
     def _in_byte_run(self, ids: list[int]) -> bool:
         """Whether the last token that is not a special one is a byte token."""
@@ -79,8 +74,9 @@ class IncrementalDetokenizer:
             st = self.states.setdefault(uid, _DecodeState())
             st.ids.extend(new_ids)
             states.append(st)
-        prefix_texts = self._batch_decode([st.ids[st.prefix : st.read] for st in states])
-        full_texts = self._batch_decode([st.ids[st.prefix :] for st in states])
+        decode = self.tokenizer.batch_decode
+        prefix_texts = decode([st.ids[st.prefix : st.read] for st in states], **_DECODE_KW)
+        full_texts = decode([st.ids[st.prefix :] for st in states], **_DECODE_KW)
         out = []
         for (uid, _, done), st, before, full in zip(items, states, prefix_texts, full_texts):
             if done:
@@ -174,11 +170,15 @@ class Detokenizer:
         if not outs:
             return []
         items = [(uid, o.token_ids, o.finished is not None) for uid, o in outs.items()]
+        texts: list[str | Exception] = []
         try:
-            texts: list[str | Exception] = list(self.inc.step(items))
+            texts += self.inc.step(items)
         except Exception:  # one undecodable id must fail its own request, not the worker
-            # the states already hold the new ids: decode each request again on its own
-            texts = [self._step_one((uid, [], done)) for uid, _, done in items]
+            for uid, _, done in items:  # the states hold the new ids: each request on its own
+                try:
+                    texts += self.inc.step([(uid, [], done)])
+                except Exception as e:
+                    texts.append(e)
         errors: list[TextOuts | ErrorOut] = []
         for uid, text in zip(list(outs), texts):
             if isinstance(text, Exception):
@@ -191,12 +191,6 @@ class Detokenizer:
             else:
                 outs[uid].text = text
         return ([TextOuts(list(outs.values()))] if outs else []) + errors
-
-    def _step_one(self, item: tuple[int, list[int], bool]) -> str | Exception:
-        try:
-            return self.inc.step([item])[0]
-        except Exception as e:
-            return e
 
 
 def run_detokenizer(args: Any) -> None:

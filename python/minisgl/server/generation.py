@@ -266,12 +266,9 @@ class Generation:
 
     async def collect(self) -> list[Choice]:
         """Run to completion (non-streaming). Cancelling it aborts the requests."""
-        try:
-            while not self.finished:
-                self._process(*await self._next())
-            return self.choices
-        finally:
-            self.abort()
+        async for _ in self.events():
+            pass
+        return self.choices
 
     def abort(self) -> None:
         for h in self.handles:
@@ -286,9 +283,6 @@ class Generation:
         firsts = {c.prompt_index: c for c in reversed(self.choices)}.values()
         prompt, cached = sum(c.prompt_len for c in firsts), sum(c.cached for c in firsts)
         completion = sum(len(c.token_ids) for c in self.choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached},
-        }
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip

@@ -11,39 +11,28 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from minisgl.core import SamplingParams
 
 from .generation import ApiError
-from .sampling import (
-    MAX_TOP_LOGPROBS,
-    SamplingChecks,
-    StrictModel,
-    check_positive,
-    check_seed,
-    check_top_logprobs,
-    engine_params,
-)
+from .sampling import MAX_TOP_LOGPROBS, SamplingChecks, StrictModel, engine_params
 from .tools import grammar_for
 
-SInt = Annotated[int, Strict()]
-SFloat = Annotated[float, Strict()]
-SBool = Annotated[bool, Strict()]
-SStr = Annotated[str, Strict()]
-Penalty = Annotated[float, Strict(), Field(ge=-2, le=2)]
-RepPenalty = Annotated[float, Strict(), Field(gt=0, le=2)]
-Prob = Annotated[float, Strict(), Field(ge=0, le=1)]
-Count = Annotated[int, Strict(), Field(ge=0, le=2**31 - 1)]
-TokenId = Annotated[str, Strict(), Field(pattern=r"^[0-9]{1,10}$")]  # a JSON key: a string
-Bias = Annotated[float, Strict(), Field(ge=-100, le=100)]
+# ranges only: every model is strict already (StrictModel, or strict=True)
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepPenalty = Annotated[float, Field(gt=0, le=2)]
+Prob = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,10}$")]  # a JSON key: a string
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class JsonSchemaFormat(StrictModel):
-    name: SStr = "response"
-    description: SStr | None = None
+    name: str = "response"
+    description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: SBool | None = None
+    strict: bool | None = None
 
 
 class ResponseFormat(StrictModel):
@@ -58,26 +47,26 @@ class ResponseFormat(StrictModel):
 
 
 class StreamOptions(StrictModel):
-    include_usage: SBool = False
-    continuous_usage_stats: SBool = False
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _Sampling(SamplingChecks):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: SStr | None = None
-    max_tokens: SInt | None = None
-    temperature: SFloat | None = None
-    top_p: SFloat | None = None
-    top_k: SInt | None = None
-    n: SInt = 1
-    stream: SBool = False
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    n: int = 1
+    stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: SStr | list[SStr] | None = None
-    stop_token_ids: list[SInt] | None = None
-    ignore_eos: SBool = False
-    seed: SInt | None = None
-    user: SStr | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    user: str | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
     repetition_penalty: RepPenalty | None = None
@@ -85,19 +74,17 @@ class _Sampling(SamplingChecks):
     min_tokens: Count = 0
     logit_bias: dict[TokenId, Bias] | None = Field(default=None, max_length=1024)
     response_format: ResponseFormat | None = None
-    guided_json: SStr | dict[str, Any] | None = None
-    guided_regex: SStr | None = None
-    guided_choice: list[SStr] | None = Field(default=None, min_length=1)
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(default=None, min_length=1)
     # accepted, changing nothing (docs/server.md says why)
-    store: SBool | None = None
-    metadata: dict[SStr, SStr] | None = None
-    service_tier: SStr | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
     # SGLang's router sends these: accepted only with the value this server implements
     no_stop_trim: Literal[False] = False
     skip_special_tokens: Literal[True] = True
     return_hidden_states: Literal[False] = False
-
-    _v_max_tokens = field_validator("max_tokens")(check_positive)
 
     @model_validator(mode="after")
     def _stream_options(self) -> Any:
@@ -108,11 +95,6 @@ class _Sampling(SamplingChecks):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
-
-    def usage_options(self) -> tuple[bool, bool]:
-        """(include_usage, continuous_usage_stats) of stream_options."""
-        so = self.stream_options
-        return bool(so and so.include_usage), bool(so and so.continuous_usage_stats)
 
     def _openai_choices(
         self, vocab: int, max_n: int, logprobs: int | None, chat: bool
@@ -128,11 +110,11 @@ class _Sampling(SamplingChecks):
 
 
 class CompletionRequest(_Sampling):
-    prompt: SStr | list[SStr] | list[SInt] | list[list[SInt]]
-    logprobs: SInt | None = None
-    echo: SBool = False
-    suffix: SStr | None = None
-    best_of: SInt | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -143,8 +125,6 @@ class CompletionRequest(_Sampling):
             if any(isinstance(p, list) and not p for p in v):
                 raise ValueError("token-id prompts must not be empty")
         return v
-
-    _v_logprobs = field_validator("logprobs")(check_top_logprobs)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
@@ -171,23 +151,23 @@ class CompletionRequest(_Sampling):
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    type: SStr
-    text: SStr | None = None
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: SStr
-    content: SStr | list[ContentPart] | None = None
-    name: SStr | None = None
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
-    tool_call_id: SStr | None = None
+    tool_call_id: str | None = None
 
     def render(self) -> dict[str, Any]:
         c = self.content
         if isinstance(c, list):
             if any(p.type != "text" for p in c):
-                raise ValueError("only text content parts are supported")
+                raise ApiError(400, "only text content parts are supported", "messages")
             c = "".join(p.text or "" for p in c)
         msg: dict[str, Any] = {"role": self.role, "content": c if c is not None else ""}
         extra = {k: getattr(self, k) for k in ("name", "tool_calls", "tool_call_id")}
@@ -195,10 +175,10 @@ class ChatMessage(BaseModel):
 
 
 class Function(StrictModel):
-    name: SStr = Field(min_length=1, max_length=64)
-    description: SStr | None = None
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: SBool | None = None
+    strict: bool | None = None
 
 
 class Tool(StrictModel):
@@ -215,7 +195,7 @@ class _ChatInput(StrictModel):
     """What the tokenizer worker's chat template renders (chat completions and /tokenize)."""
 
     messages: Any = None
-    add_generation_prompt: SBool = True
+    add_generation_prompt: bool = True
     tools: list[Tool] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -228,7 +208,7 @@ class _ChatInput(StrictModel):
         return v
 
     def payload(self) -> str:
-        """The worker's JSON payload (ValueError: a message it cannot render)."""
+        """The worker's JSON payload."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools or []] or None
         return json.dumps({"messages": [m.render() for m in self.messages], "tools": tools,
                            "add_generation_prompt": self.add_generation_prompt,
@@ -237,18 +217,15 @@ class _ChatInput(StrictModel):
 
 class ChatCompletionRequest(_Sampling, _ChatInput):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: SInt | None = None
-    logprobs: SBool = False
-    top_logprobs: SInt | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
     continue_final_message: Literal[False] = False
     # SGLang's: accepted at the behaviour implemented (--reasoning-parser splits, streamed too)
     separate_reasoning: Literal[True] = True
     stream_reasoning: Literal[True] = True
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: SBool = True
-
-    _v_max_completion_tokens = field_validator("max_completion_tokens")(check_positive)
-    _v_top_logprobs = field_validator("top_logprobs")(check_top_logprobs)
+    parallel_tool_calls: bool = True
 
     @property
     def token_limit(self) -> int | None:
@@ -273,30 +250,27 @@ class ChatCompletionRequest(_Sampling, _ChatInput):
 
 
 class NativeSamplingParams(SamplingChecks):
-    max_new_tokens: SInt | None = None
-    temperature: SFloat = 1.0
-    top_p: SFloat = 1.0
-    top_k: SInt = -1
-    stop: SStr | list[SStr] | None = None
-    stop_token_ids: list[SInt] | None = None
-    ignore_eos: SBool = False
-    seed: SInt | None = None
-    sampling_seed: SInt | None = None  # SGLang's name (the only one sglang-router forwards)
-    n: SInt = 1
-
-    _v_max_tokens = field_validator("max_new_tokens")(check_positive)
-    _v_sampling_seed = field_validator("sampling_seed")(check_seed)
+    max_new_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    sampling_seed: int | None = None  # SGLang's name (the only one sglang-router forwards)
+    n: int = 1
 
 
 class GenerateRequest(StrictModel):
-    text: SStr | None = None
-    input_ids: list[SInt] | None = None
-    model: SStr | None = None
+    text: str | None = None
+    input_ids: list[int] | None = None
+    model: str | None = None
     sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
-    stream: SBool = False
-    return_logprob: SBool = False
-    top_logprobs_num: SInt = 0
-    return_text_in_logprobs: SBool = True  # SGLang's default is False: text, or None, per entry
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = True  # SGLang's default is False: text, or None, per entry
     log_metrics: Literal[True] = True  # and the other SGLang fields sglang-router writes
     return_hidden_states: Literal[False] = False
     return_entropy: Literal[False] = False
@@ -331,11 +305,11 @@ class GenerateRequest(StrictModel):
 class TokenizeRequest(_ChatInput):
     """vLLM's /tokenize: a text `prompt`, or chat `messages` rendered by the chat template."""
 
-    model: SStr | None = None
-    prompt: SStr | None = None
+    model: str | None = None
+    prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: SBool = True
-    return_token_strs: SBool = False
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
 
     @model_validator(mode="after")
     def _one(self) -> TokenizeRequest:
@@ -345,5 +319,5 @@ class TokenizeRequest(_ChatInput):
 
 
 class DetokenizeRequest(StrictModel):
-    model: SStr | None = None
-    tokens: list[SInt]
+    model: str | None = None
+    tokens: list[int]

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from minisgl.messages import Logprob
 
 from .generation import ApiError, Choice, Generation
+from .protocol import StreamOptions
 from .tools import ChatParser
 
 # error types by status; others: invalid_request_error below 500, server_error from it
@@ -65,11 +66,12 @@ class Formatter:
     """Builds the OpenAI bodies of one request (`kind` is "completion" or "chat"). A chat's
     `parser` makes each choice's ChatParser (reasoning, tool calls: tools.py)."""
 
-    def __init__(self, kind: str, model: str, want_logprobs: bool, include_usage: bool = False,
-                 continuous_usage: bool = False, parser: Callable[[], ChatParser] | None = None,
-                 fingerprint: str = "") -> None:  # fmt: skip
+    def __init__(self, kind: str, model: str, fingerprint: str, want_logprobs: bool,
+                 stream_options: StreamOptions | None,
+                 parser: Callable[[], ChatParser] | None = None) -> None:  # fmt: skip
         self.kind, self.model, self.want_logprobs = kind, model, want_logprobs
-        self.include_usage, self.continuous_usage = include_usage, continuous_usage
+        so = stream_options or StreamOptions()
+        self.include_usage, self.continuous_usage = so.include_usage, so.continuous_usage_stats
         self.id = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.fingerprint = fingerprint
@@ -150,30 +152,42 @@ class Formatter:
 
 
 # ---- native /generate -----------------------------------------------------------------------
-def native_item(c: Choice, rid: str, want_logprobs: bool, texts: bool = True) -> dict[str, Any]:
-    finish = None if c.finish_reason is None else {"type": c.finish_reason}
-    meta: dict[str, Any] = {"id": rid, "finish_reason": finish, "prompt_tokens": c.prompt_len}
-    meta |= {"completion_tokens": len(c.token_ids), "cached_tokens": c.cached}
-    if want_logprobs:
-        meta["output_token_logprobs"] = [
-            [e.logprob, tid, e.text if texts else None] for e, tid in zip(c.logprobs, c.token_ids)
-        ]
-        tops = [zip(e.top_ids, e.top_texts, e.top_logprobs) for e in c.logprobs]
-        meta["output_top_logprobs"] = [
-            [[v, i, t if texts else None] for i, t, v in e] for e in tops
-        ]
-    text, ids = c.text[: c.sent], list(c.token_ids)
-    return {"index": c.index, "text": text, "output_ids": ids, "meta_info": meta}
+class NativeFormatter:
+    """Builds the /generate bodies of one request (SGLang's shapes); `texts`: token texts in the
+    logprobs (else None per entry)."""
 
+    def __init__(self, want_logprobs: bool, texts: bool = True) -> None:
+        self.id = "gen-" + uuid.uuid4().hex
+        self.want_logprobs, self.texts = want_logprobs, texts
 
-async def native_stream(
-    gen: Generation, rid: str, want_logprobs: bool, texts: bool = True
-) -> AsyncIterator[str]:
-    """Each event carries the text and ids so far (SGLang's /generate streaming format)."""
-    try:
-        async for ev in gen.events():
-            if ev.delta or ev.finished:
-                yield sse(native_item(ev.choice, rid, want_logprobs, texts))
-        yield "data: [DONE]\n\n"
-    except ApiError as e:
-        yield sse(error_body(e.status, e.message, e.param))
+    def item(self, c: Choice) -> dict[str, Any]:
+        finish = None if c.finish_reason is None else {"type": c.finish_reason}
+        meta: dict[str, Any] = {"id": self.id, "finish_reason": finish,
+                                "prompt_tokens": c.prompt_len, "completion_tokens": len(c.token_ids),
+                                "cached_tokens": c.cached}  # fmt: skip
+        if self.want_logprobs:
+            texts = self.texts
+            meta["output_token_logprobs"] = [
+                [e.logprob, tid, e.text if texts else None]
+                for e, tid in zip(c.logprobs, c.token_ids)
+            ]
+            tops = [zip(e.top_ids, e.top_texts, e.top_logprobs) for e in c.logprobs]
+            meta["output_top_logprobs"] = [
+                [[v, i, t if texts else None] for i, t, v in e] for e in tops
+            ]
+        text, ids = c.text[: c.sent], list(c.token_ids)
+        return {"index": c.index, "text": text, "output_ids": ids, "meta_info": meta}
+
+    def full(self, gen: Generation) -> dict[str, Any] | list[dict[str, Any]]:
+        items = [self.item(c) for c in gen.choices]
+        return items[0] if len(items) == 1 else items
+
+    async def stream(self, gen: Generation) -> AsyncIterator[str]:
+        """Each event carries the text and ids so far (SGLang's /generate streaming format)."""
+        try:
+            async for ev in gen.events():
+                if ev.delta or ev.finished:
+                    yield sse(self.item(ev.choice))
+            yield "data: [DONE]\n\n"
+        except ApiError as e:
+            yield sse(error_body(e.status, e.message, e.param))

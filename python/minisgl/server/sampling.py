@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
 from minisgl.core import SamplingParams
 
@@ -23,44 +23,22 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
-def _check(ok: Callable[[Any], bool], msg: str) -> Callable[[Any, Any], Any]:
-    """A field validator: None passes, a value failing `ok` is refused with `msg` ({v}: it)."""
-
-    def check(cls: Any, v: Any) -> Any:
-        if v is not None and not ok(v):
-            raise ValueError(msg.format(v=v))
-        return v
-
-    return check
-
-
-check_positive = _check(
-    lambda v: 1 <= v <= MAX_INT, f"must be an integer in [1, {MAX_INT}], got {{v}}"
-)
-_temperature = _check(lambda v: 0 <= v <= 100, "must be in [0, 100], got {v}")
-_top_p = _check(lambda v: 0 < v <= 1, "must be in (0, 1], got {v}")
-_top_k = _check(
-    lambda v: v in (-1, 0) or 1 <= v <= MAX_INT,
-    "must be -1 or 0 (disabled) or a positive integer, got {v}",
-)
-_n = _check(lambda v: v >= 1, "must be >= 1, got {v}")
-_stop_ids = _check(
-    lambda v: len(v) <= 1024 and all(0 <= i <= MAX_INT for i in v),
-    "must be at most 1024 non-negative token ids",
-)
-check_seed = _check(lambda v: -(2**63) <= v < 2**63, "must fit in a signed 64-bit integer")
-check_top_logprobs = _check(
-    lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]"
-)
-
-
-def _stop(cls: Any, v: str | list[str] | None) -> list[str]:
-    stops = [v] if isinstance(v, str) else list(v or [])
-    if len(stops) > MAX_STOP:
-        raise ValueError(f"at most {MAX_STOP} stop sequences")
-    if any(not s or len(s) > MAX_STOP_LEN for s in stops):
-        raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
-    return stops
+_POSITIVE = (lambda v: 1 <= v <= MAX_INT, f"must be an integer in [1, {MAX_INT}], got {{v}}")
+_SEED = (lambda v: -(2**63) <= v < 2**63, "must fit in a signed 64-bit integer")
+_TOP = (lambda v: 0 <= v <= MAX_TOP_LOGPROBS, f"must be in [0, {MAX_TOP_LOGPROBS}]")
+# field -> (test, message refusing a value that fails it ({v}: the value)); None always passes
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "temperature": (lambda v: 0 <= v <= 100, "must be in [0, 100], got {v}"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1], got {v}"),
+    "top_k": (lambda v: v in (-1, 0) or 1 <= v <= MAX_INT,
+              "must be -1 or 0 (disabled) or a positive integer, got {v}"),
+    "n": (lambda v: v >= 1, "must be >= 1, got {v}"),
+    "stop_token_ids": (lambda v: len(v) <= 1024 and all(0 <= i <= MAX_INT for i in v),
+                       "must be at most 1024 non-negative token ids"),
+    "seed": _SEED, "sampling_seed": _SEED,
+    "max_tokens": _POSITIVE, "max_completion_tokens": _POSITIVE, "max_new_tokens": _POSITIVE,
+    "logprobs": _TOP, "top_logprobs": _TOP,  # a chat's logprobs is a bool: always in range
+}  # fmt: skip
 
 
 def check_ids(ids: list[int], what: str, vocab: int) -> None:
@@ -93,13 +71,23 @@ def engine_params(s: Any, vocab: int, max_n: int, seed: int | None, **kw: Any) -
 
 
 class SamplingChecks(StrictModel):
-    """Validators of the sampling fields every request schema has (the fields and their
-    defaults are declared by each schema)."""
+    """The checks of the sampling fields of every request schema: RANGES, and the stop strings
+    (each schema declares the fields it has, and their defaults)."""
 
-    _v_temperature = field_validator("temperature", check_fields=False)(_temperature)
-    _v_top_p = field_validator("top_p", check_fields=False)(_top_p)
-    _v_top_k = field_validator("top_k", check_fields=False)(_top_k)
-    _v_n = field_validator("n", check_fields=False)(_n)
-    _v_stop = field_validator("stop", check_fields=False)(_stop)
-    _v_stop_ids = field_validator("stop_token_ids", check_fields=False)(_stop_ids)
-    _v_seed = field_validator("seed", check_fields=False)(check_seed)
+    @field_validator(*RANGES, check_fields=False)
+    @classmethod
+    def _range(cls, v: Any, info: ValidationInfo) -> Any:
+        ok, msg = RANGES[info.field_name]
+        if v is not None and not ok(v):
+            raise ValueError(msg.format(v=v))
+        return v
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> list[str]:
+        stops = [v] if isinstance(v, str) else list(v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s or len(s) > MAX_STOP_LEN for s in stops):
+            raise ValueError(f"stop sequences must be non-empty and at most {MAX_STOP_LEN} chars")
+        return stops

@@ -33,12 +33,10 @@ class TokenizerWorker:
         self.tok, self.limits = tokenizer, limits
         self.has_chat_template = bool(getattr(tokenizer, "chat_template", None))
         # a prompt longer than this many characters cannot fit: skip tokenizing huge texts
-        longest = 16
-        if self.tok is not None:
-            try:
-                longest = max(len(p) for p in self.tok.get_vocab()) + 1
-            except Exception:
-                longest = 256
+        try:
+            longest = max(len(p) for p in tokenizer.get_vocab()) + 1
+        except Exception:  # an exotic tokenizer, or none (which tokenizes no text at all)
+            longest = 256
         self.max_chars = limits.max_seq_len * max(longest, 16)
 
     def handle(self, req: TokenizeReq) -> UserReq | ErrorOut:
@@ -59,9 +57,9 @@ class TokenizerWorker:
             params = check_prompt(ids, req.params, self.limits, req.fill)
         except ValueError as e:  # PromptError, or min_tokens beyond a filled max_tokens
             raise _Reject(str(e)) from None
-        if params.grammar and not self.tok:
-            raise _Reject("structured output needs a tokenizer")
         if params.grammar:  # a bad schema is a 400 here, off the scheduler's path
+            if not self.tok:
+                raise _Reject("structured output needs a tokenizer")
             from minisgl.engine.grammar import check_grammar
 
             if err := check_grammar(params.grammar):
