@@ -60,21 +60,20 @@ class Scheduler:
 
     def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
         err = self.validate(input_ids, params)
-        if err is None:
-            if uid in self.reqs:
-                return f"duplicate request id {uid}"
-            req = Req(uid, list(input_ids), params)
-            if params.grammar is not None:
-                from ..engine.grammar import GrammarCompiler
+        if err is not None or uid in self.reqs:
+            return err or f"duplicate request id {uid}"
+        req = Req(uid, list(input_ids), params)
+        if params.grammar is not None:
+            from ..engine.grammar import GrammarCompiler
 
-                self.grammars = self.grammars or GrammarCompiler(self.engine)
-                req.grammar = self.grammars.submit(params.grammar)
-                if self.engine.tp.size > 1:  # every rank admits it in the same step
-                    req.grammar.exception()
-            self.reqs[uid] = req
-            self.waiting.append(req)
-            self.waiting_tokens += len(req.token_ids)
-        return err
+            self.grammars = self.grammars or GrammarCompiler(self.engine)
+            req.grammar = self.grammars.submit(params.grammar)
+            if self.engine.tp.size > 1:  # every rank admits it in the same step
+                req.grammar.exception()
+        self.reqs[uid] = req
+        self.waiting.append(req)
+        self.waiting_tokens += len(req.token_ids)
+        return None
 
     def abort(self, uid: int) -> bool:
         req = self.reqs.get(uid)
@@ -117,21 +116,22 @@ class Scheduler:
         prefix: list[int] = []
         out_loc: list[int] = []
 
-        def take(req: Req, n: int) -> None:
+        def take(req: Req) -> None:
+            nonlocal budget
+            n = min(req.extend_len, budget)
             # pages are allocated at once so the next admission sees what is really free
             reqs.append(req), extends.append(n), prefix.append(req.cached_len)
             out_loc.extend(self.mem.extend(req, n))
             req.cached_len += n
+            budget -= n
 
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
             n = min(chunked.extend_len, budget)
-            if self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
-                take(chunked, n)
-                budget -= n
-            else:
+            if not self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
                 self.chunked = chunked  # retry once decoding requests have freed pages
                 return None  # and admit nobody before it
+            take(chunked)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.token_in_flight:
@@ -150,9 +150,7 @@ class Scheduler:
             if req.prompt_cached < 0:
                 req.prompt_cached = min(req.cached_len, req.prompt_len)
                 self.counters["prefix_hit_tokens"] += req.prompt_cached
-            n = min(req.extend_len, budget)
-            take(req, n)
-            budget -= n
+            take(req)
         if not reqs:
             return None
         input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
