@@ -81,10 +81,7 @@ class ServerArgs:
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # every construction is validated, replace() too
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
