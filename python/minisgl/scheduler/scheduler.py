@@ -27,7 +27,7 @@ class Scheduler:
     def __init__(
         self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut | ErrorOut], None]
     ) -> None:
-        self.engine, self.args, self.on_output = engine, args, on_output
+        self.engine, self.on_output = engine, on_output
         self.mem = ReqMemory(engine, args.cache)
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
@@ -47,8 +47,8 @@ class Scheduler:
         self.counters = dict(prefix_hit_tokens=0, prefill_tokens=0, decode_tokens=0, retracted=0)
 
     # -- requests in ----------------------------------------------------------------------
-    def validate(self, input_ids: list[int], params: SamplingParams) -> str | None:
-        """A user-facing reason why the request can never run, or None."""
+    def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
+        """Queue a request; or, queueing nothing, a user-facing reason why it can never run."""
         try:
             check_prompt(input_ids, params, Limits(self.engine.max_seq_len, self.vocab))
         except ValueError as e:
@@ -56,12 +56,8 @@ class Scheduler:
         total = len(input_ids) + params.max_tokens
         if total > self.engine.max_tokens_in_pool:
             return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
-        return None
-
-    def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
-        err = self.validate(input_ids, params)
-        if err is not None or uid in self.reqs:
-            return err or f"duplicate request id {uid}"
+        if uid in self.reqs:
+            return f"duplicate request id {uid}"
         req = Req(uid, list(input_ids), params)
         if params.grammar is not None:
             from ..engine.grammar import GrammarCompiler
@@ -291,12 +287,12 @@ def _logprobs(out: StepOutput, sampled: list[Req]) -> list[Logprob | None]:
     The step gathered one row per request that asked for them, in batch order."""
     if out.logprobs is None:
         return [None] * len(sampled)
-    chosen, top_values, top_ids = (x.tolist() for x in out.logprobs)
-    rows, i = [], 0
+    found = zip(*(x.tolist() for x in out.logprobs))  # (chosen, top values, top ids) per row
+    rows: list[Logprob | None] = []
     for req in sampled:
-        if (n := req.params.logprobs) < 0:
+        if (n := req.params.logprobs) >= 0:
+            chosen, values, ids = next(found)
+            rows.append(Logprob(chosen, ids[:n], values[:n]))
+        else:
             rows.append(None)
-            continue
-        rows.append(Logprob(chosen[i], top_ids[i][:n], top_values[i][:n]))
-        i += 1
     return rows
