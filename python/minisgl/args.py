@@ -81,10 +81,7 @@ class ServerArgs:
     zmq_dir: str = field(default="", repr=False)
     dist_port: int = field(default=0, repr=False)
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # every construction is validated, replace() too
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(msg)
@@ -180,11 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"minisgl {__version__}")
     fields = {f.name: f for f in dataclasses.fields(ServerArgs) if f.repr}
     hints = typing.get_type_hints(ServerArgs)
-    grouped = {n for names in _GROUPS.values() for n in names}
-    groups = {**_GROUPS, "other": [n for n in fields if n not in grouped]}
-    for title, names in groups.items():
-        if not names:
-            continue
+    assert {n for names in _GROUPS.values() for n in names} == fields.keys(), "flag without a group"
+    for title, names in _GROUPS.items():
         group = p.add_argument_group(title)
         for name in names:
             f, flag = fields[name], "--" + name.replace("_", "-")

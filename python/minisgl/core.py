@@ -40,10 +40,7 @@ class SamplingParams:
             or self.min_p or self.logit_bias or self.min_tokens or self.grammar
         )  # fmt: skip
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:  # every construction is validated, replace() too
         def bad(msg: str) -> ValueError:
             return ValueError(f"invalid SamplingParams: {msg}")
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .args import ServerArgs
-from .core import SamplingParams
+from .core import Batch, Req, SamplingParams
 from .engine.engine import Engine
 from .engine.grammar import check_grammar
 from .messages import ErrorOut, TextOut, TokenOut
@@ -190,20 +190,16 @@ class LLM:
     def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits at every position of one prompt, through the engine's own prefill
         (no prefix cache), for correctness tests."""
-        from .core import Batch, Req
-
         if self.client is not None:
             raise ValueError("prefill_logits needs tp=1")
-        mem = self.scheduler.mem
+        mem, n = self.scheduler.mem, len(token_ids)
         req = Req(-1, list(token_ids), SamplingParams(max_tokens=1))
-        req.device_len = len(token_ids) + 1  # match nothing: compute every position
-        if not mem.free_rows or not mem.ensure_free(-(-len(token_ids) // mem.ps)):
+        if not mem.free_rows or not mem.ensure_free(mem.pages_to_extend(req, n)):
             raise RuntimeError("engine is busy")
         req.table_idx = mem.free_rows.pop()
         try:
-            out_loc = mem.extend(req, len(token_ids))
-            req.cached_len = len(token_ids)
-            batch = Batch([req], True, [len(token_ids)], [0], [False], out_loc, list(token_ids))
+            batch = Batch([req], True, [n], [0], [False], mem.extend(req, n), list(token_ids))
+            req.cached_len = n
             return self.engine.prefill_logits(batch).float().cpu()
         finally:
             req.cache_hit, req.token_ids = 0, []

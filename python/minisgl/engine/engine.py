@@ -131,11 +131,10 @@ class Engine:
         return _DTYPES.get(self.cfg.torch_dtype, torch.bfloat16)
 
     def _num_pages(self, kv_heads: int) -> int:
-        per_token = KVPool.bytes_per_token(
-            self.cfg.num_layers, kv_heads, self.cfg.head_dim, self.dtype
-        )
         if self.args.num_pages:
             return self.args.num_pages
+        cfg = self.cfg
+        per_token = KVPool.bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, self.dtype)
         if self.device == "cpu":
             tokens = min(32768, (2 << 30) // per_token)
         else:

@@ -72,23 +72,20 @@ class RadixCacheManager(BaseCacheManager):
 
     # ---- locking -------------------------------------------------------------------------
     def lock(self, handle: RadixNode) -> None:
-        node = handle
-        while node is not self.root:
-            if node.ref_count == 0:  # first lock moves the node's tokens to the protected side
-                self.evictable_tokens -= len(node.key)
-                self.protected_tokens += len(node.key)
-            node.ref_count += 1
-            assert node.parent is not None
-            node = node.parent
+        self._add_ref(handle, 1)
 
     def unlock(self, handle: RadixNode) -> None:
-        node = handle
+        self._add_ref(handle, -1)
+
+    def _add_ref(self, node: RadixNode, delta: int) -> None:
+        """One lock more (+1) or fewer (-1) on the path from `node` to the root."""
         while node is not self.root:
-            assert node.ref_count > 0, "unlock without matching lock"
-            node.ref_count -= 1
-            if node.ref_count == 0:
-                self.protected_tokens -= len(node.key)
-                self.evictable_tokens += len(node.key)
+            assert node.ref_count + delta >= 0, "unlock without matching lock"
+            if node.ref_count == 0 or node.ref_count + delta == 0:  # its tokens change sides
+                moved = len(node.key) * delta  # > 0: evictable -> protected
+                self.evictable_tokens -= moved
+                self.protected_tokens += moved
+            node.ref_count += delta
             assert node.parent is not None
             node = node.parent
 

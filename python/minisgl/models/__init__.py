@@ -15,16 +15,12 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = dict.fromkeys(
 )  # fmt: skip
 
 
-def check_architecture(cfg: ModelConfig) -> None:
+def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
+    """The model for sequences of up to `max_pos` tokens (its parameters uninitialised)."""
     if cfg.architecture not in MODEL_REGISTRY:
         raise ValueError(
             f"unsupported architecture {cfg.architecture!r}; supported: {', '.join(sorted(MODEL_REGISTRY))}"
         )
-
-
-def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
-    """The model for sequences of up to `max_pos` tokens (its parameters uninitialised)."""
-    check_architecture(cfg)
     window = cfg.sliding_window
     if window is not None and window < max_pos:
         raise ValueError(
@@ -35,4 +31,4 @@ def create_model(cfg: ModelConfig, max_pos: int) -> nn.Module:
     return MODEL_REGISTRY[cfg.architecture](cfg, max_pos)
 
 
-__all__ = ["MODEL_REGISTRY", "ModelConfig", "check_architecture", "create_model"]
+__all__ = ["MODEL_REGISTRY", "ModelConfig", "create_model"]

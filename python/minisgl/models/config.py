@@ -59,7 +59,7 @@ class ModelConfig:
         return cls.from_dict(cfg, eos)
 
     @classmethod
-    def from_dict(cls, cfg: dict[str, Any], eos_token_ids: list[int] | None = None) -> ModelConfig:
+    def from_dict(cls, cfg: dict[str, Any], eos_token_ids: list[int]) -> ModelConfig:
         arch = (cfg.get("architectures") or ["<missing>"])[0]
         if "text_config" in cfg:  # a vision-language checkpoint: its language model alone
             text = cfg["text_config"]
@@ -67,7 +67,7 @@ class ModelConfig:
                 raise ValueError(
                     f"unsupported {arch} language model type {text['model_type']!r} (supported: mistral)"
                 )
-            keep = ("eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
+            keep = ("tie_word_embeddings", "torch_dtype", "dtype")
             cfg = {**text, **{k: cfg[k] for k in keep if k in cfg}}
         heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
         # transformers 5.x moves rope_theta/rope_scaling into one `rope_parameters` dict
@@ -79,7 +79,6 @@ class ModelConfig:
         is_qwen2 = arch == "Qwen2ForCausalLM"
         mistral = arch.startswith("Mistral")
         bias = bool(cfg.get("attention_bias", False))
-        eos = eos_token_ids if eos_token_ids is not None else _as_list(cfg.get("eos_token_id"))
         # Mistral uses its window whenever one is set; Qwen2/3 only with use_sliding_window
         window = cfg.get("sliding_window") if mistral or cfg.get("use_sliding_window") else None
         return cls(
@@ -100,7 +99,7 @@ class ModelConfig:
             o_bias=bias and not is_qwen2,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             torch_dtype=str(dtype).replace("torch.", ""),
-            eos_token_ids=list(eos),
+            eos_token_ids=list(eos_token_ids),
             # transformers 5.x writes `num_local_experts`, the hub checkpoints `num_experts`
             num_experts=cfg.get("num_experts") or cfg.get("num_local_experts") or 0,
             num_experts_per_tok=cfg.get("num_experts_per_tok") or 0,

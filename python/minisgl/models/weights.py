@@ -93,7 +93,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
                 continue
-            gen = gens.get(p.device)
-            if gen is None:
-                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
-            p.uniform_(-0.02, 0.02, generator=gen)
+            if p.device not in gens:
+                gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+            p.uniform_(-0.02, 0.02, generator=gens[p.device])

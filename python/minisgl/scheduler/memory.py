@@ -86,17 +86,10 @@ class ReqMemory:
         """Allocate KV slots for positions [cached_len, cached_len + n) of `req`."""
         start, ps, row = req.cached_len, self.ps, req.table_idx
         pos = np.arange(start, start + n)
-        new_pages = self.pages.alloc(self.pages_to_extend(req, n))
-        first_new = _cdiv(start, ps)  # index (within the request) of its first new page
-        page_idx = pos // ps
-        if new_pages:
-            page = np.asarray(new_pages, dtype=np.int64)[np.maximum(page_idx - first_new, 0)]
-        else:
-            page = np.zeros(n, dtype=np.int64)
+        pages = self.pages.alloc(self.pages_to_extend(req, n))
         if start % ps:  # the tail of a partly filled last page comes first
-            old_page = self.slots.np[row, start - 1] // ps
-            page = np.where(page_idx < first_new, old_page, page)
-        slots = page * ps + pos % ps
+            pages.insert(0, self.slots.np[row, start - 1] // ps)
+        slots = np.asarray(pages, dtype=np.int64)[pos // ps - start // ps] * ps + pos % ps
         self.slots.np[row, start : start + n] = slots
         return slots.tolist()
 

@@ -31,18 +31,16 @@ class _Broadcaster:
         self.group = dist.new_group(backend="gloo", timeout=timedelta(days=365))
 
     def __call__(self, msgs: list[bytes]) -> list[bytes]:
-        primary = dist.get_rank() == 0
-        # [count, length of each message], after its own length so the other ranks can size it
-        size = torch.tensor([len(msgs), *map(len, msgs)] if primary else [0], dtype=torch.int64)
-        n = torch.tensor([len(size)], dtype=torch.int64)
+        # the count, then each message's length (so the other ranks can size the buffer), then
+        # the messages; only rank 0 has any
+        n = torch.tensor([len(msgs)], dtype=torch.int64)
         dist.broadcast(n, 0, group=self.group)
-        if not primary:
-            size = torch.zeros(int(n), dtype=torch.int64)
-        dist.broadcast(size, 0, group=self.group)
-        lens = size[1:].tolist()
-        if not lens:
+        if not int(n):
             return []
-        buf = bytearray(b"".join(msgs)) if primary else bytearray(sum(lens))
+        size = torch.tensor([len(m) for m in msgs] or [0] * int(n), dtype=torch.int64)
+        dist.broadcast(size, 0, group=self.group)
+        lens = size.tolist()
+        buf = bytearray(b"".join(msgs)) if msgs else bytearray(sum(lens))
         dist.broadcast(torch.frombuffer(buf, dtype=torch.uint8), 0, group=self.group)
         return [bytes(buf[end - k : end]) for k, end in zip(lens, itertools.accumulate(lens))]
 

@@ -27,7 +27,7 @@ class Scheduler:
     def __init__(
         self, engine: Engine, args: ServerArgs, on_output: Callable[[TokenOut | ErrorOut], None]
     ) -> None:
-        self.engine, self.args, self.on_output = engine, args, on_output
+        self.engine, self.on_output = engine, on_output
         self.mem = ReqMemory(engine, args.cache)
         self.max_running = engine.max_reqs
         self.prefill_budget = args.max_prefill_length
@@ -47,8 +47,8 @@ class Scheduler:
         self.counters = dict(prefix_hit_tokens=0, prefill_tokens=0, decode_tokens=0, retracted=0)
 
     # -- requests in ----------------------------------------------------------------------
-    def validate(self, input_ids: list[int], params: SamplingParams) -> str | None:
-        """A user-facing reason why the request can never run, or None."""
+    def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
+        """Queue a request; or, queueing nothing, a user-facing reason why it can never run."""
         try:
             check_prompt(input_ids, params, Limits(self.engine.max_seq_len, self.vocab))
         except ValueError as e:
@@ -56,25 +56,20 @@ class Scheduler:
         total = len(input_ids) + params.max_tokens
         if total > self.engine.max_tokens_in_pool:
             return f"prompt + max_tokens = {total} tokens exceeds the KV cache ({self.engine.max_tokens_in_pool})"
+        if uid in self.reqs:
+            return f"duplicate request id {uid}"
+        req = Req(uid, list(input_ids), params)
+        if params.grammar is not None:
+            from ..engine.grammar import GrammarCompiler
+
+            self.grammars = self.grammars or GrammarCompiler(self.engine)
+            req.grammar = self.grammars.submit(params.grammar)
+            if self.engine.tp.size > 1:  # every rank admits it in the same step
+                req.grammar.exception()
+        self.reqs[uid] = req
+        self.waiting.append(req)
+        self.waiting_tokens += len(req.token_ids)
         return None
-
-    def add(self, uid: int, input_ids: list[int], params: SamplingParams) -> str | None:
-        err = self.validate(input_ids, params)
-        if err is None:
-            if uid in self.reqs:
-                return f"duplicate request id {uid}"
-            req = Req(uid, list(input_ids), params)
-            if params.grammar is not None:
-                from ..engine.grammar import GrammarCompiler
-
-                self.grammars = self.grammars or GrammarCompiler(self.engine)
-                req.grammar = self.grammars.submit(params.grammar)
-                if self.engine.tp.size > 1:  # every rank admits it in the same step
-                    req.grammar.exception()
-            self.reqs[uid] = req
-            self.waiting.append(req)
-            self.waiting_tokens += len(req.token_ids)
-        return err
 
     def abort(self, uid: int) -> bool:
         req = self.reqs.get(uid)
@@ -117,21 +112,22 @@ class Scheduler:
         prefix: list[int] = []
         out_loc: list[int] = []
 
-        def take(req: Req, n: int) -> None:
+        def take(req: Req) -> None:
+            nonlocal budget
+            n = min(req.extend_len, budget)
             # pages are allocated at once so the next admission sees what is really free
             reqs.append(req), extends.append(n), prefix.append(req.cached_len)
             out_loc.extend(self.mem.extend(req, n))
             req.cached_len += n
+            budget -= n
 
         chunked, self.chunked = self.chunked, None
         if chunked is not None:
             n = min(chunked.extend_len, budget)
-            if self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
-                take(chunked, n)
-                budget -= n
-            else:
+            if not self.mem.ensure_free(self.mem.pages_to_extend(chunked, n)):
                 self.chunked = chunked  # retry once decoding requests have freed pages
                 return None  # and admit nobody before it
+            take(chunked)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             if req.token_in_flight:
@@ -150,9 +146,7 @@ class Scheduler:
             if req.prompt_cached < 0:
                 req.prompt_cached = min(req.cached_len, req.prompt_len)
                 self.counters["prefix_hit_tokens"] += req.prompt_cached
-            n = min(req.extend_len, budget)
-            take(req, n)
-            budget -= n
+            take(req)
         if not reqs:
             return None
         input_ids = [t for r, p, n in zip(reqs, prefix, extends) for t in r.token_ids[p : p + n]]
@@ -293,12 +287,12 @@ def _logprobs(out: StepOutput, sampled: list[Req]) -> list[Logprob | None]:
     The step gathered one row per request that asked for them, in batch order."""
     if out.logprobs is None:
         return [None] * len(sampled)
-    chosen, top_values, top_ids = (x.tolist() for x in out.logprobs)
-    rows, i = [], 0
+    found = zip(*(x.tolist() for x in out.logprobs))  # (chosen, top values, top ids) per row
+    rows: list[Logprob | None] = []
     for req in sampled:
-        if (n := req.params.logprobs) < 0:
+        if (n := req.params.logprobs) >= 0:
+            chosen, values, ids = next(found)
+            rows.append(Logprob(chosen, ids[:n], values[:n]))
+        else:
             rows.append(None)
-            continue
-        rows.append(Logprob(chosen[i], top_ids[i][:n], top_values[i][:n]))
-        i += 1
     return rows
